@@ -1,0 +1,67 @@
+// RBE weight format v1 (docs/FORMAT.md): seed fields, level tables and the validated, kernel-ready view
+// of one weight. The codes are never copied: PreparedWeight points into the caller's (memory-mapped) bytes.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace rbe {
+
+constexpr uint32_t kSeedTag = 0xB1;
+constexpr int kThetaSteps = 16;
+constexpr int kUniformTheta = 8;
+constexpr int kGroup = 32;  // codes per packing group (§4)
+constexpr int64_t kMaxDim = int64_t{1} << 24;
+
+// A format or shape violation; the message names the rule broken. The ORT layer adds the node name.
+struct FormatError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct SeedFields {
+  uint32_t rho, theta, width, outliers, reserved, tag;
+  int32_t offset;
+};
+
+SeedFields unpack_seed(uint64_t seed);
+bool is_supported_bits(int64_t bits);
+bool is_supported_block_size(int64_t block_size);
+
+// L_theta for a code width: 2^bits int levels (§5). Computed in double exactly as the numpy spec does.
+std::vector<int> level_table(int bits, int theta);
+
+struct WeightShape {
+  int64_t K = 0, N = 0, block_size = 0, bits = 0;
+  float scale0 = 0.f;
+  int64_t blocks_per_column() const { return (K + block_size - 1) / block_size; }
+  int64_t padded_K() const { return blocks_per_column() * block_size; }
+  int64_t block_bytes() const { return block_size * bits / 8; }
+  int64_t code_bytes() const { return N * blocks_per_column() * block_bytes(); }
+};
+
+// Per block: scale d, d·o (the offset folded into a float) and the codebook index.
+struct PreparedWeight {
+  WeightShape shape;
+  const uint8_t* codes = nullptr;      // borrowed: shape.code_bytes() bytes
+  std::vector<float> scale;            // [N·nb]
+  std::vector<float> scaled_offset;    // [N·nb]: d·o
+  std::vector<float> offset;           // [N·nb]: o
+  std::vector<uint8_t> theta;          // [N·nb]
+  alignas(32) int8_t lut[kThetaSteps][16] = {};  // int8 levels for 2/3/4-bit codes, by theta
+  std::vector<std::vector<int>> levels;           // [16][2^bits] int levels (8-bit: one table at [8])
+};
+
+// Validates shape, seeds and code length against §6 and builds the per-block tables.
+// Throws FormatError. seeds: N·nb values; codes: code_bytes.
+PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, int64_t n_seeds,
+                              const uint8_t* codes, int64_t n_code_bytes);
+
+// Decodes block blk (= n·nb + b) to block_size floats d·(L[c]+o), tail positions included (§4).
+void decode_block(const PreparedWeight& w, int64_t blk, float* out);
+
+// Unpacks the codes of one block (block_size values) per §4.
+void unpack_block_codes(const uint8_t* block, int bits, int block_size, uint8_t* out_codes);
+
+}  // namespace rbe

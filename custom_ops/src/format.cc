@@ -1,0 +1,152 @@
+#include "rbe/format.h"
+
+#include <cmath>
+#include <cstring>
+#include <sstream>
+
+namespace rbe {
+
+SeedFields unpack_seed(uint64_t s) {
+  SeedFields f;
+  f.rho = static_cast<uint32_t>(s & 0xFFFF);
+  f.theta = static_cast<uint32_t>((s >> 16) & 0xF);
+  uint32_t off = static_cast<uint32_t>((s >> 20) & 0xFF);
+  f.offset = off >= 128 ? static_cast<int32_t>(off) - 256 : static_cast<int32_t>(off);
+  f.width = static_cast<uint32_t>((s >> 28) & 0xF);
+  f.outliers = static_cast<uint32_t>((s >> 32) & 0xFF);
+  f.reserved = static_cast<uint32_t>((s >> 40) & 0xFFFF);
+  f.tag = static_cast<uint32_t>((s >> 56) & 0xFF);
+  return f;
+}
+
+bool is_supported_bits(int64_t b) { return b == 2 || b == 3 || b == 4 || b == 8; }
+bool is_supported_block_size(int64_t s) { return s == 32 || s == 64 || s == 128 || s == 256; }
+
+std::vector<int> level_table(int bits, int theta) {
+  std::vector<int> table;
+  if (bits == 8) {
+    for (int c = 0; c < 256; ++c) table.push_back(c - 128);
+    return table;
+  }
+  const int n = 1 << bits;
+  const double pi = 3.14159265358979323846;
+  const double gamma = std::exp(0.75 * (theta * pi / 32.0 - pi / 4.0));
+  for (int j = 0; j < n; ++j) {
+    const double u = (2.0 * j + 1.0 - n) / (n - 1.0);
+    const double v = 127.0 * (u < 0 ? -1.0 : 1.0) * std::pow(std::fabs(u), gamma);
+    table.push_back(static_cast<int>(v < 0 ? -std::floor(-v + 0.5) : std::floor(v + 0.5)));
+  }
+  return table;
+}
+
+namespace {
+
+[[noreturn]] void fail(const std::string& what) { throw FormatError(what); }
+
+void check_shape(const WeightShape& s) {
+  std::ostringstream m;
+  if (!is_supported_bits(s.bits)) { m << "bits=" << s.bits << " unsupported (2, 3, 4 or 8)"; fail(m.str()); }
+  if (!is_supported_block_size(s.block_size)) {
+    m << "block_size=" << s.block_size << " unsupported (32, 64, 128 or 256)"; fail(m.str());
+  }
+  if (s.K < 1 || s.K > kMaxDim) { m << "K=" << s.K << " out of range [1, 2^24]"; fail(m.str()); }
+  if (s.N < 1 || s.N > kMaxDim) { m << "N=" << s.N << " out of range [1, 2^24]"; fail(m.str()); }
+  if (!(std::isfinite(s.scale0) && s.scale0 > 0.f)) {
+    m << "scale0=" << s.scale0 << " must be positive and finite"; fail(m.str());
+  }
+}
+
+}  // namespace
+
+PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, int64_t n_seeds,
+                              const uint8_t* codes, int64_t n_code_bytes) {
+  check_shape(shape);
+  const int64_t nb = shape.blocks_per_column();
+  const int64_t n_blocks = shape.N * nb;
+  if (seeds == nullptr || n_seeds != n_blocks) {
+    std::ostringstream m;
+    m << "seeds must hold N*nb = " << shape.N << "*" << nb << " = " << n_blocks << " values, got " << n_seeds;
+    fail(m.str());
+  }
+  if (codes == nullptr || n_code_bytes != shape.code_bytes()) {
+    std::ostringstream m;
+    m << "codes must hold " << shape.code_bytes() << " bytes for K=" << shape.K << " N=" << shape.N
+      << " block_size=" << shape.block_size << " bits=" << shape.bits << ", got " << n_code_bytes;
+    fail(m.str());
+  }
+  PreparedWeight w;
+  w.shape = shape;
+  w.codes = codes;
+  w.scale.resize(n_blocks);
+  w.scaled_offset.resize(n_blocks);
+  w.offset.resize(n_blocks);
+  w.theta.resize(n_blocks);
+  for (int64_t i = 0; i < n_blocks; ++i) {
+    const SeedFields f = unpack_seed(static_cast<uint64_t>(seeds[i]));
+    const char* bad = nullptr;
+    if (f.tag != kSeedTag) bad = "tag is not 0xB1 (not an RBE v1 seed)";
+    else if (f.width != static_cast<uint32_t>(shape.bits)) bad = "width field differs from the bits attribute";
+    else if (f.outliers != 0) bad = "outlier count nonzero (not allowed in v1)";
+    else if (f.reserved != 0) bad = "reserved bits set";
+    else if (shape.bits == 8 && f.theta != kUniformTheta) bad = "theta != 8 with 8-bit codes";
+    if (bad) {
+      std::ostringstream m;
+      m << "seed [" << i / nb << ", " << i % nb << "]: " << bad;
+      fail(m.str());
+    }
+    const double d = static_cast<double>(shape.scale0) * std::exp(f.rho / 512.0);
+    w.scale[i] = static_cast<float>(d);
+    w.offset[i] = static_cast<float>(f.offset);
+    w.scaled_offset[i] = w.scale[i] * static_cast<float>(f.offset);
+    w.theta[i] = static_cast<uint8_t>(f.theta);
+    if (!std::isfinite(w.scale[i])) {
+      std::ostringstream m;
+      m << "seed [" << i / nb << ", " << i % nb << "]: scale overflows float32 (scale0 too large)";
+      fail(m.str());
+    }
+  }
+  w.levels.resize(kThetaSteps);
+  for (int t = 0; t < kThetaSteps; ++t) {
+    w.levels[t] = level_table(static_cast<int>(shape.bits), shape.bits == 8 ? kUniformTheta : t);
+    if (shape.bits != 8)
+      for (size_t c = 0; c < w.levels[t].size(); ++c) w.lut[t][c] = static_cast<int8_t>(w.levels[t][c]);
+  }
+  return w;
+}
+
+void decode_block(const PreparedWeight& w, int64_t blk, float* out) {
+  const WeightShape& s = w.shape;
+  uint8_t codes[256];
+  unpack_block_codes(w.codes + blk * s.block_bytes(), static_cast<int>(s.bits), static_cast<int>(s.block_size),
+                     codes);
+  const std::vector<int>& L = w.levels[w.theta[blk]];
+  for (int64_t i = 0; i < s.block_size; ++i) out[i] = w.scale[blk] * static_cast<float>(L[codes[i]] + w.offset[blk]);
+}
+
+void unpack_block_codes(const uint8_t* block, int bits, int block_size, uint8_t* out) {
+  const int group_bytes = 4 * bits;
+  for (int g = 0; g < block_size / kGroup; ++g) {
+    const uint8_t* p = block + g * group_bytes;
+    uint8_t* o = out + g * kGroup;
+    switch (bits) {
+      case 8:
+        std::memcpy(o, p, kGroup);
+        break;
+      case 4:
+        for (int j = 0; j < 16; ++j) { o[j] = p[j] & 0xF; o[j + 16] = p[j] >> 4; }
+        break;
+      case 2:
+      case 3:
+        for (int j = 0; j < 8; ++j)
+          for (int q = 0; q < 4; ++q) o[j + 8 * q] = (p[j] >> (2 * q)) & 3;
+        if (bits == 3) {
+          const uint32_t high = uint32_t{p[8]} | uint32_t{p[9]} << 8 | uint32_t{p[10]} << 16 |
+                                uint32_t{p[11]} << 24;
+          for (int t = 0; t < kGroup; ++t) o[t] |= ((high >> t) & 1u) << 2;
+        }
+        break;
+    }
+  }
+}
+
+}  // namespace rbe

@@ -1,0 +1,26 @@
+"""The numpy decoder: the executable form of docs/FORMAT.md."""
+from __future__ import annotations
+
+import numpy as np
+
+from .codebook import levels
+from .packing import unpack_codes
+from .seed import THETA_STEPS, UNIFORM_THETA, scales_from_rho, unpack_seeds
+from .weight import RBEWeight
+
+
+def level_tables(bits: int) -> np.ndarray:
+    """int16 [16, 2^bits]: row t is L_theta for theta index t (8-bit codes have one table, §5)."""
+    return np.stack([levels(bits, UNIFORM_THETA if bits == 8 else t) for t in range(THETA_STEPS)])
+
+
+def decode(w: RBEWeight) -> np.ndarray:
+    """The float32 K x N matrix the weight stands for (§5: w = d · (L[c] + o))."""
+    w.validate()
+    f = unpack_seeds(w.seeds.reshape(-1))
+    d = scales_from_rho(f["rho"], w.scale0)
+    codes = unpack_codes(w.codes.reshape(-1, w.block_bytes), w.bits).astype(np.intp)  # [N·nb, bs]
+    L = level_tables(w.bits)[f["theta"]]
+    vals = np.take_along_axis(L, codes, axis=1).astype(np.float32) + f["offset"][:, None].astype(np.float32)
+    cols = (d[:, None] * vals).reshape(w.N, -1)[:, : w.K]
+    return np.ascontiguousarray(cols.T)

@@ -1,0 +1,86 @@
+"""Round-to-nearest RBE encoder: per block, search the codebook shape θ and a range shrink for least error.
+
+The search is vectorised over all blocks; each candidate (θ, shrink) costs one pass over the weight.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .codebook import levels, theta_candidates
+from .packing import GROUP, pack_codes
+from .seed import RHO_PER_LOG_SCALE, check_layout, pack_seeds
+from .weight import RBEWeight
+
+# Fractions of the block's half range the outermost level is put at; < 1 clips the extremes, which pays
+# at low widths where the grid is coarse.
+SHRINKS = {2: (1.0, 0.9, 0.8, 0.7, 0.6), 3: (1.0, 0.9, 0.8, 0.7), 4: (1.0, 0.92, 0.85), 8: (1.0,)}
+LEVEL_SPAN = 127.0  # outermost |L| of the 2/3/4-bit tables; 8-bit spans -128..127
+
+
+def _blocks(W: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Column blocks [N·nb, block_size] (tail zero-padded) and the valid-position mask [block_size·nb]."""
+    K, N = W.shape
+    nb = -(-K // block_size)
+    cols = np.zeros((N, nb * block_size), dtype=np.float32)
+    cols[:, :K] = W.T
+    valid = np.zeros(nb * block_size, dtype=bool)
+    valid[:K] = True
+    return cols.reshape(N * nb, block_size), np.tile(valid.reshape(nb, block_size), (N, 1))
+
+
+def _quantise_scale(d: np.ndarray, scale0: float) -> tuple[np.ndarray, np.ndarray]:
+    rho = np.clip(np.rint(RHO_PER_LOG_SCALE * np.log(np.maximum(d, 1e-38) / scale0)), 0, 0xFFFF)
+    return rho.astype(np.int64), (scale0 * np.exp(rho / RHO_PER_LOG_SCALE)).astype(np.float32)
+
+
+def _nearest(t: np.ndarray, table: np.ndarray) -> np.ndarray:
+    order = np.argsort(table, kind="stable")
+    sorted_levels = table[order].astype(np.float32)
+    mids = (sorted_levels[1:] + sorted_levels[:-1]) * 0.5
+    return order[np.searchsorted(mids, t)].astype(np.uint8)
+
+
+def encode(W: np.ndarray, bits: int = 4, block_size: int = 64) -> RBEWeight:
+    """Encodes a K x N float matrix (Y = A·W) into seeds and packed codes."""
+    W = np.asarray(W, dtype=np.float32)
+    if W.ndim != 2:
+        raise ValueError(f"weight must be 2-D, got shape {list(W.shape)}")
+    if not np.all(np.isfinite(W)):
+        raise ValueError("weight holds NaN or Inf; it cannot be encoded")
+    K, N = W.shape
+    check_layout(K, N, bits, block_size, 1.0)
+    X, valid = _blocks(W, block_size)
+    big = np.finfo(np.float32).max
+    lo = np.where(valid, X, big).min(axis=1)
+    hi = np.where(valid, X, -big).max(axis=1)
+    center, half = (hi + lo) * 0.5, (hi - lo) * 0.5
+    span = 127.5 if bits == 8 else LEVEL_SPAN
+    positive = half[half > 0]
+    # s0 sits just under the smallest scale the search can ask for, so rho never clips at 0.
+    scale0 = float(positive.min() * min(SHRINKS[bits]) / span * 0.5) if positive.size else 1.0
+
+    best_err = np.full(X.shape[0], np.inf, dtype=np.float64)
+    best = {k: np.zeros(X.shape[0], np.int64) for k in ("rho", "theta", "offset")}
+    best_codes = np.zeros(X.shape, dtype=np.uint8)
+    for shrink in SHRINKS[bits]:
+        rho, d = _quantise_scale(np.maximum(half * shrink / span, 1e-30), scale0)
+        offset = np.clip(np.rint(center / d), -128, 127)
+        if bits == 8:
+            offset = np.clip(np.rint(center / d - 0.5), -128, 127)  # L spans -128..127: centre is -0.5
+        t = X / d[:, None] - offset[:, None]
+        for theta in theta_candidates(bits):
+            table = levels(bits, theta)
+            codes = _nearest(t, table)
+            err = np.where(valid, (t - table[codes]) * d[:, None], 0.0)
+            err = np.einsum("ij,ij->i", err, err, dtype=np.float64)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_codes[better] = codes[better]
+            best["rho"][better], best["theta"][better] = rho[better], theta
+            best["offset"][better] = offset[better]
+    best_codes[~valid] = 0  # §4: tail codes are written as 0
+    nb = -(-K // block_size)
+    seeds = pack_seeds(best["rho"], best["theta"], best["offset"], bits).reshape(N, nb)
+    packed = pack_codes(best_codes, bits).reshape(-1)
+    assert packed.size % (GROUP * bits // 8) == 0
+    return RBEWeight(K=K, N=N, bits=bits, block_size=block_size, scale0=scale0, seeds=seeds, codes=packed)

@@ -1,0 +1,47 @@
+"""The encoded form of one weight matrix, as an RBEFusedGemm node carries it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .seed import check_layout, check_seeds, FormatError
+
+
+@dataclass(frozen=True)
+class RBEWeight:
+    """Seeds + packed codes of a K x N weight (docs/FORMAT.md)."""
+
+    K: int
+    N: int
+    bits: int
+    block_size: int
+    scale0: float
+    seeds: np.ndarray  # int64 [N, nb]
+    codes: np.ndarray  # uint8 [N · nb · block_size · bits / 8]
+
+    @property
+    def blocks_per_column(self) -> int:
+        return -(-self.K // self.block_size)
+
+    @property
+    def block_bytes(self) -> int:
+        return self.block_size * self.bits // 8
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes: codes + seeds + the float scale0."""
+        return int(self.codes.nbytes + self.seeds.nbytes + 4)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / (self.K * self.N)
+
+    def validate(self) -> None:
+        """Raises FormatError naming the first rule of FORMAT.md §6 this weight breaks."""
+        check_layout(self.K, self.N, self.bits, self.block_size, self.scale0)
+        check_seeds(self.seeds, self.K, self.N, self.bits, self.block_size)
+        expected = self.N * self.blocks_per_column * self.block_bytes
+        if self.codes.dtype != np.uint8 or self.codes.ndim != 1 or self.codes.size != expected:
+            raise FormatError(f"codes must be uint8 1-D of {expected} bytes, got {self.codes.dtype} "
+                              f"{list(self.codes.shape)}")
