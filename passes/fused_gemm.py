@@ -1,0 +1,145 @@
+"""The rule that turns `MatMul(A, W)` and `Gemm(A, B, C)` with a constant 2-D weight into `RBEFusedGemm`.
+
+Matching and replacing are separate steps: `find_candidates` says which nodes qualify (and why the others do
+not), the caller encodes the weights, and `replace_candidates` swaps the nodes. Anything not matched is left
+exactly as it was.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+RBE_DOMAIN = "ai.rbe"
+OP_TYPE = "RBEFusedGemm"
+
+
+@dataclass
+class Candidate:
+    """A MatMul/Gemm node and what the rule decided about it."""
+
+    node: onnx.NodeProto
+    index: int                   # position in graph.node
+    weight_name: str = ""
+    transpose: bool = False      # Gemm transB=1: the stored initializer is W^T
+    bias: str = ""               # Gemm's C input, passed through as the op's bias
+    skip_reason: str = ""        # empty when the node will be replaced
+    shape: tuple[int, int] = (0, 0)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def eligible(self) -> bool:
+        return not self.skip_reason
+
+    @property
+    def key(self) -> tuple[str, bool]:
+        """Nodes sharing a weight (and its orientation) share one encoding."""
+        return (self.weight_name, self.transpose)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _check_weight(c: Candidate, init: dict[str, onnx.TensorProto]) -> None:
+    tensor = init.get(c.weight_name)
+    if tensor is None:
+        c.skip_reason = "weight is not a constant initializer"
+    elif tensor.data_type != onnx.TensorProto.FLOAT:
+        c.skip_reason = f"weight dtype {onnx.TensorProto.DataType.Name(tensor.data_type)} is not float32"
+    elif len(tensor.dims) != 2:
+        c.skip_reason = f"weight is {len(tensor.dims)}-D, not 2-D"
+    else:
+        rows, cols = tensor.dims
+        c.shape = (cols, rows) if c.transpose else (rows, cols)
+
+
+def _match(node: onnx.NodeProto, index: int, init: dict, ranks: dict[str, int], bias_ok) -> Candidate:
+    c = Candidate(node=node, index=index)
+    if node.op_type == "MatMul":
+        c.weight_name = node.input[1]
+        if ranks.get(node.input[0], 2) < 2:
+            c.skip_reason = "activation is 1-D (MatMul vector semantics)"
+            return c
+    else:  # Gemm
+        a = _attrs(node)
+        c.weight_name, c.transpose = node.input[1], bool(a.get("transB", 0))
+        if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
+            c.skip_reason = "Gemm form not supported (needs transA=0, alpha=1, beta=1)"
+            return c
+        c.bias = node.input[2] if len(node.input) > 2 else ""
+    _check_weight(c, init)
+    if c.eligible and c.bias and not bias_ok(c.bias, c.shape[1]):
+        c.skip_reason = "Gemm bias C is not a 1-D vector of length N"
+    return c
+
+
+def find_candidates(model: onnx.ModelProto, exclude: str | None = None) -> list[Candidate]:
+    """Every MatMul/Gemm of the main graph with the rule's verdict on it."""
+    graph = model.graph
+    init = {t.name: t for t in graph.initializer}
+    ranks = {}
+    for vi in (*graph.input, *graph.value_info, *graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+
+    def bias_ok(name: str, n: int) -> bool:
+        if name in init:
+            return list(init[name].dims) == [n]
+        return ranks.get(name) == 1  # a computed bias must at least be known to be 1-D
+
+    pattern = re.compile(exclude) if exclude else None
+    found = []
+    for index, node in enumerate(graph.node):
+        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            continue
+        c = _match(node, index, init, ranks, bias_ok)
+        if c.eligible and pattern and (pattern.search(node.name) or pattern.search(c.weight_name)):
+            c.skip_reason = f"excluded by --exclude {exclude!r}"
+        found.append(c)
+    return found
+
+
+def weight_matrix(model: onnx.ModelProto, c: Candidate) -> np.ndarray:
+    """The K x N weight of a candidate, transposed back if Gemm stored it as W^T."""
+    tensor = next(t for t in model.graph.initializer if t.name == c.weight_name)
+    w = numpy_helper.to_array(tensor).astype(np.float32, copy=False)
+    return np.ascontiguousarray(w.T if c.transpose else w)
+
+
+def replace_candidates(model: onnx.ModelProto, encoded: dict[tuple[str, bool], "object"],
+                       candidates: list[Candidate]) -> None:
+    """Swaps each eligible candidate for an RBEFusedGemm reading `encoded[c.key]` (an RBEWeight).
+
+    Nodes keep their names and output names; the codes of a shared weight are stored once; fp32 weights no
+    node reads any more are dropped.
+    """
+    graph = model.graph
+    nodes = list(graph.node)
+    codes_names: dict[tuple[str, bool], str] = {}
+    for c in candidates:
+        if not c.eligible:
+            continue
+        w = encoded[c.key]
+        if c.key not in codes_names:
+            name = f"{c.weight_name}{'.T' if c.transpose else ''}.rbe_codes"
+            graph.initializer.append(numpy_helper.from_array(w.codes, name))
+            codes_names[c.key] = name
+        inputs = [c.node.input[0], codes_names[c.key]] + ([c.bias] if c.bias else [])
+        new = helper.make_node(
+            OP_TYPE, inputs, list(c.node.output), name=c.node.name, domain=RBE_DOMAIN,
+            K=w.K, N=w.N, block_size=w.block_size, bits=w.bits, scale0=float(w.scale0),
+            seeds=numpy_helper.from_array(w.seeds, "seeds"))
+        nodes[c.index] = new
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    used |= {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if not any(op.domain == RBE_DOMAIN for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(RBE_DOMAIN, 1))

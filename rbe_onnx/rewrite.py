@@ -1,0 +1,125 @@
+"""`rewrite`: encode every eligible MatMul/Gemm weight of a model and swap in RBEFusedGemm nodes."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from .codec import RBEWeight, decode, encode
+from .onnx_io import load_model, save_model
+from .passes import Candidate, find_candidates, replace_candidates
+from .passes.fused_gemm import weight_matrix
+
+REPORT_KEY = "rbe.report"
+
+
+class NothingToRewrite(ValueError):
+    """The model has no MatMul/Gemm node the rule accepts."""
+
+
+@dataclass
+class ReportRow:
+    node: str
+    op_type: str
+    weight: str
+    shape: str          # "K x N"
+    status: str         # "rbe" or the reason it was skipped
+    bits: int = 0
+    block_size: int = 0
+    bits_per_weight: float = 32.0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    rel_rmse: float = 0.0
+
+
+def _row(c: Candidate, w: RBEWeight | None, rel_rmse: float, shared: bool) -> ReportRow:
+    K, N = c.shape
+    row = ReportRow(node=c.node.name, op_type=c.node.op_type, weight=c.weight_name,
+                    shape=f"{K} x {N}" if K else "-", status=c.skip_reason or "rbe",
+                    bytes_before=4 * K * N, bytes_after=4 * K * N)
+    if w is not None:
+        # A weight shared by several nodes is stored once: the first node carries its bytes.
+        row.bits, row.block_size, row.bits_per_weight = w.bits, w.block_size, round(w.bits_per_weight, 4)
+        row.bytes_before = 0 if shared else 4 * K * N
+        row.bytes_after = 0 if shared else w.nbytes
+        row.rel_rmse = rel_rmse
+    return row
+
+
+def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64, exclude: str | None = None,
+                  progress: bool = True) -> list[ReportRow]:
+    """Rewrites `model` in place; returns one report row per MatMul/Gemm node."""
+    candidates = find_candidates(model, exclude)
+    eligible = [c for c in candidates if c.eligible]
+    if not eligible:
+        reasons = "; ".join(f"{c.node.name or c.node.op_type}: {c.skip_reason}" for c in candidates) or \
+            "the graph has no MatMul or Gemm node"
+        raise NothingToRewrite(f"no MatMul/Gemm node with a constant 2-D float weight to rewrite ({reasons})")
+    encoded: dict[tuple[str, bool], RBEWeight] = {}
+    errors: dict[tuple[str, bool], float] = {}
+    unique = list({c.key: c for c in eligible}.values())
+    for c in tqdm(unique, desc="encoding", unit="weight", disable=not progress):
+        W = weight_matrix(model, c)
+        w = encode(W, bits=bits, block_size=block_size)
+        encoded[c.key] = w
+        errors[c.key] = float(np.linalg.norm(decode(w) - W) / max(np.linalg.norm(W), 1e-30))
+    seen: set = set()
+    rows = []
+    for c in candidates:
+        w = encoded.get(c.key) if c.eligible else None
+        rows.append(_row(c, w, errors.get(c.key, 0.0), shared=w is not None and c.key in seen))
+        if w is not None:
+            seen.add(c.key)
+    replace_candidates(model, encoded, candidates)
+    _set_metadata(model, REPORT_KEY, json.dumps([asdict(r) for r in rows]))
+    return rows
+
+
+def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
+    for p in model.metadata_props:
+        if p.key == key:
+            p.value = value
+            return
+    model.metadata_props.add(key=key, value=value)
+
+
+def rewrite(model_or_path: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
+            bits: int = 4, block_size: int = 64, exclude: str | None = None,
+            progress: bool = True) -> tuple[onnx.ModelProto, list[ReportRow]]:
+    """Loads (if given a path), rewrites and (if output_path is given) saves with aligned external data."""
+    model = load_model(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
+    rows = rewrite_model(model, bits=bits, block_size=block_size, exclude=exclude, progress=progress)
+    if output_path is not None:
+        save_model(model, output_path)
+    return model, rows
+
+
+def read_report(model_or_path: onnx.ModelProto | str | os.PathLike) -> list[ReportRow]:
+    """The rewrite report stored in a rewritten model, checked against the nodes actually in it."""
+    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else \
+        load_model(model_or_path, load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    if REPORT_KEY not in meta:
+        raise ValueError("model carries no rbe-onnx rewrite report (was it rewritten by rbe-onnx?)")
+    rows = [ReportRow(**r) for r in json.loads(meta[REPORT_KEY])]
+    present = {n.name: n.op_type for n in model.graph.node}
+    for r in rows:
+        op = present.get(r.node)
+        if r.status == "rbe" and op != "RBEFusedGemm":
+            raise ValueError(f"report says node {r.node!r} is RBEFusedGemm but the graph has {op}")
+    return rows
+
+
+def totals(rows: list[ReportRow]) -> dict:
+    """Whole-model figures over the rewritten weights: bytes and bits/weight (seeds + codes + scale0)."""
+    done = [r for r in rows if r.status == "rbe"]
+    before = sum(r.bytes_before for r in done)
+    after = sum(r.bytes_after for r in done)
+    weights = before // 4
+    return {"rewritten": len(done), "skipped": len(rows) - len(done), "bytes_before": before,
+            "bytes_after": after, "bits_per_weight": 8.0 * after / weights if weights else 0.0}
