@@ -6,7 +6,7 @@ from .library import get_library_path
 __version__ = "0.1.0"
 
 # Heavier entry points load on first use, so `get_library_path()` costs no onnx/numpy import.
-_LAZY = {"rewrite": "rewrite", "read_report": "rewrite"}
+_LAZY = {"rewrite": "compressor", "read_report": "compressor"}
 
 
 def __getattr__(name: str):

@@ -8,7 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# Reports are tables meant to be read whole: don't squeeze them to 80 columns when piped or captured.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _size(n: int) -> str:
@@ -20,7 +21,7 @@ def _size(n: int) -> str:
 
 
 def print_report(rows, title: str) -> None:
-    from .rewrite import totals
+    from .compressor import totals
 
     table = Table(title=title)
     for col, just in (("node", "left"), ("op", "left"), ("shape K x N", "right"), ("status", "left"),
@@ -50,7 +51,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_rewrite(args) -> int:
-    from .rewrite import rewrite
+    from .compressor import rewrite
 
     output = Path(args.output) if args.output else Path(args.model).with_name(Path(args.model).stem + ".rbe.onnx")
     _, rows = rewrite(args.model, output, bits=args.bits, block_size=args.block_size, exclude=args.exclude,
@@ -60,7 +61,7 @@ def cmd_rewrite(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .rewrite import read_report
+    from .compressor import read_report
 
     print_report(read_report(args.model), str(args.model))
     return 0

@@ -30,7 +30,7 @@ std::vector<int> level_table(int bits, int theta) {
   }
   const int n = 1 << bits;
   const double pi = 3.14159265358979323846;
-  const double gamma = std::exp(0.75 * (theta * pi / 32.0 - pi / 4.0));
+  const double gamma = std::exp(0.6 * (theta * pi / 32.0 - pi / 8.0));
   for (int j = 0; j < n; ++j) {
     const double u = (2.0 * j + 1.0 - n) / (n - 1.0);
     const double v = 127.0 * (u < 0 ? -1.0 : 1.0) * std::pow(std::fabs(u), gamma);
@@ -78,7 +78,6 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
   w.shape = shape;
   w.codes = codes;
   w.scale.resize(n_blocks);
-  w.scaled_offset.resize(n_blocks);
   w.offset.resize(n_blocks);
   w.theta.resize(n_blocks);
   for (int64_t i = 0; i < n_blocks; ++i) {
@@ -88,7 +87,7 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
     else if (f.width != static_cast<uint32_t>(shape.bits)) bad = "width field differs from the bits attribute";
     else if (f.outliers != 0) bad = "outlier count nonzero (not allowed in v1)";
     else if (f.reserved != 0) bad = "reserved bits set";
-    else if (shape.bits == 8 && f.theta != kUniformTheta) bad = "theta != 8 with 8-bit codes";
+    else if (shape.bits == 8 && f.theta != kUniformTheta) bad = "theta != 4 with 8-bit codes";
     if (bad) {
       std::ostringstream m;
       m << "seed [" << i / nb << ", " << i % nb << "]: " << bad;
@@ -97,7 +96,6 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
     const double d = static_cast<double>(shape.scale0) * std::exp(f.rho / 512.0);
     w.scale[i] = static_cast<float>(d);
     w.offset[i] = static_cast<float>(f.offset);
-    w.scaled_offset[i] = w.scale[i] * static_cast<float>(f.offset);
     w.theta[i] = static_cast<uint8_t>(f.theta);
     if (!std::isfinite(w.scale[i])) {
       std::ostringstream m;

@@ -11,7 +11,7 @@ from .seed import THETA_STEPS, UNIFORM_THETA
 def gamma(theta_index: int) -> float:
     """Power-law exponent of the codebook shaped by the angle θ = theta_index·π/32."""
     theta = theta_index * np.pi / 32.0
-    return float(np.exp(0.75 * (theta - np.pi / 4.0)))
+    return float(np.exp(0.6 * (theta - np.pi / 8.0)))
 
 
 def _round_half_away(x: np.ndarray) -> np.ndarray:
@@ -23,7 +23,7 @@ def levels(bits: int, theta_index: int) -> np.ndarray:
     """int16 levels L[c] for every code c (read-only)."""
     if bits == 8:
         if theta_index != UNIFORM_THETA:
-            raise ValueError("8-bit codes use the identity codebook (theta index 8)")
+            raise ValueError(f"8-bit codes use the identity codebook (theta index {UNIFORM_THETA})")
         table = np.arange(256, dtype=np.int16) - 128
     else:
         n = 1 << bits

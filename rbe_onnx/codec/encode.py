@@ -14,7 +14,8 @@ from .weight import RBEWeight
 # Fractions of the block's half range the outermost level is put at; < 1 clips the extremes, which pays
 # at low widths where the grid is coarse.
 SHRINKS = {2: (1.0, 0.9, 0.8, 0.7, 0.6), 3: (1.0, 0.9, 0.8, 0.7), 4: (1.0, 0.92, 0.85), 8: (1.0,)}
-LEVEL_SPAN = 127.0  # outermost |L| of the 2/3/4-bit tables; 8-bit spans -128..127
+LEVEL_SPAN = 127.0
+REFITS = 2  # outermost |L| of the 2/3/4-bit tables; 8-bit spans -128..127
 
 
 def _blocks(W: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,6 +39,36 @@ def _nearest(t: np.ndarray, table: np.ndarray) -> np.ndarray:
     sorted_levels = table[order].astype(np.float32)
     mids = (sorted_levels[1:] + sorted_levels[:-1]) * 0.5
     return order[np.searchsorted(mids, t)].astype(np.uint8)
+
+
+def _refit(X, valid, bits, scale0, best, best_codes, best_err) -> None:
+    """Least-squares scale and offset for the chosen codes, then re-rounding; kept where it lowers the error.
+
+    The search above fixes d and o from the block's range; given the codes, the best (d, d·o) is a linear fit
+    of the weights on their levels.
+    """
+    for theta in np.unique(best["theta"]):
+        rows = np.nonzero(best["theta"] == theta)[0]
+        table = levels(bits, int(theta))
+        x, m = X[rows], valid[rows]
+        L = np.where(m, table[best_codes[rows]], 0).astype(np.float64)
+        n = m.sum(axis=1)
+        mean_l, mean_x = L.sum(1) / n, np.where(m, x, 0).sum(1) / n
+        var = np.where(m, (L - mean_l[:, None]) ** 2, 0).sum(1)
+        cov = np.where(m, (L - mean_l[:, None]) * (x - mean_x[:, None]), 0).sum(1)
+        d_fit = np.where(var > 0, cov / np.maximum(var, 1e-30), 0.0)
+        ok = d_fit > 0
+        rho, d = _quantise_scale(np.where(ok, d_fit, 1.0).astype(np.float32), scale0)
+        offset = np.clip(np.rint((mean_x - d_fit * mean_l) / d), -128, 127)
+        t = x / d[:, None] - offset[:, None]
+        codes = _nearest(t, table)
+        err = np.where(m, (t - table[codes]) * d[:, None], 0.0)
+        err = np.einsum("ij,ij->i", err, err, dtype=np.float64)
+        better = ok & (err < best_err[rows])
+        idx = rows[better]
+        best_err[idx] = err[better]
+        best_codes[idx] = codes[better]
+        best["rho"][idx], best["offset"][idx] = rho[better], offset[better]
 
 
 def encode(W: np.ndarray, bits: int = 4, block_size: int = 64) -> RBEWeight:
@@ -78,6 +109,8 @@ def encode(W: np.ndarray, bits: int = 4, block_size: int = 64) -> RBEWeight:
             best_codes[better] = codes[better]
             best["rho"][better], best["theta"][better] = rho[better], theta
             best["offset"][better] = offset[better]
+    for _ in range(REFITS):
+        _refit(X, valid, bits, scale0, best, best_codes, best_err)
     best_codes[~valid] = 0  # §4: tail codes are written as 0
     nb = -(-K // block_size)
     seeds = pack_seeds(best["rho"], best["theta"], best["offset"], bits).reshape(N, nb)

@@ -6,7 +6,7 @@ import numpy as np
 TAG = 0xB1
 RHO_PER_LOG_SCALE = 512.0  # rho / 512 = hyperbolic distance 2·atanh(r) = ln(d / s0)
 THETA_STEPS = 16
-UNIFORM_THETA = 8  # theta index whose gamma is 1 (the uniform grid)
+UNIFORM_THETA = 4  # theta index whose gamma is 1 (the uniform grid)
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_BLOCK_SIZES = (32, 64, 128, 256)
 
@@ -71,7 +71,7 @@ def check_seeds(seeds: np.ndarray, K: int, N: int, bits: int, block_size: int) -
         (f["width"] != bits, f"width field differs from bits={bits}"),
         (f["outliers"] != 0, "outlier count nonzero (not allowed in v1)"),
         (f["reserved"] != 0, "reserved bits set"),
-        ((f["theta"] != UNIFORM_THETA) if bits == 8 else np.zeros(1, bool), "theta != 8 with 8-bit codes"),
+        ((f["theta"] != UNIFORM_THETA) if bits == 8 else np.zeros(1, bool), f"theta != {UNIFORM_THETA} with 8-bit codes"),
     ]
     for bad, what in problems:
         if np.any(bad):

@@ -11,7 +11,7 @@ namespace rbe {
 
 constexpr uint32_t kSeedTag = 0xB1;
 constexpr int kThetaSteps = 16;
-constexpr int kUniformTheta = 8;
+constexpr int kUniformTheta = 4;
 constexpr int kGroup = 32;  // codes per packing group (§4)
 constexpr int64_t kMaxDim = int64_t{1} << 24;
 
@@ -41,12 +41,11 @@ struct WeightShape {
   int64_t code_bytes() const { return N * blocks_per_column() * block_bytes(); }
 };
 
-// Per block: scale d, d·o (the offset folded into a float) and the codebook index.
+// Per block: scale d, offset o and the codebook index (decoded once from the seeds).
 struct PreparedWeight {
   WeightShape shape;
   const uint8_t* codes = nullptr;      // borrowed: shape.code_bytes() bytes
   std::vector<float> scale;            // [N·nb]
-  std::vector<float> scaled_offset;    // [N·nb]: d·o
   std::vector<float> offset;           // [N·nb]: o
   std::vector<uint8_t> theta;          // [N·nb]
   alignas(32) int8_t lut[kThetaSteps][16] = {};  // int8 levels for 2/3/4-bit codes, by theta

@@ -90,7 +90,7 @@ void gemv(const GemmProblem& p, int64_t n0, int64_t n1) {
         d1 = _mm256_fmadd_ps(widen(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(ab + g + 24), d1);
       }
       acc = _mm256_fmadd_ps(_mm256_add_ps(d0, d1), _mm256_set1_ps(w.scale[blk]), acc);
-      offset_acc += w.scaled_offset[blk] * p.a_sums[b];
+      offset_acc += w.scale[blk] * w.offset[blk] * p.a_sums[b];
     }
     p.Y[n] = hsum(acc) + offset_acc + (p.bias ? p.bias[n] : 0.f);
   }

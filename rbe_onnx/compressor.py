@@ -1,8 +1,9 @@
-"""`rewrite`: encode every eligible MatMul/Gemm weight of a model and swap in RBEFusedGemm nodes."""
+"""The compressor behind `rewrite`: encode every eligible MatMul/Gemm weight of a model and swap in RBEFusedGemm nodes."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -96,7 +97,18 @@ def rewrite(model_or_path: onnx.ModelProto | str | os.PathLike, output_path: str
     rows = rewrite_model(model, bits=bits, block_size=block_size, exclude=exclude, progress=progress)
     if output_path is not None:
         save_model(model, output_path)
+        if not isinstance(model_or_path, onnx.ModelProto):
+            copy_sidecar_files(Path(model_or_path).parent, Path(output_path).parent)
     return model, rows
+
+
+def copy_sidecar_files(src_dir: Path, dst_dir: Path) -> None:
+    """Tokenizer, config and export metadata travel with the model, so the output dir runs on its own."""
+    if src_dir.resolve() == dst_dir.resolve():
+        return
+    for f in src_dir.iterdir():
+        if f.is_file() and f.suffix in (".json", ".txt") and not (dst_dir / f.name).exists():
+            shutil.copy2(f, dst_dir / f.name)
 
 
 def read_report(model_or_path: onnx.ModelProto | str | os.PathLike) -> list[ReportRow]:
