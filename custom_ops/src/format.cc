@@ -43,7 +43,9 @@ namespace {
 
 [[noreturn]] void fail(const std::string& what) { throw FormatError(what); }
 
-void check_shape(const WeightShape& s) {
+}  // namespace
+
+void validate_shape(const WeightShape& s) {
   std::ostringstream m;
   if (!is_supported_bits(s.bits)) { m << "bits=" << s.bits << " unsupported (2, 3, 4 or 8)"; fail(m.str()); }
   if (!is_supported_block_size(s.block_size)) {
@@ -56,11 +58,9 @@ void check_shape(const WeightShape& s) {
   }
 }
 
-}  // namespace
-
 PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, int64_t n_seeds,
                               const uint8_t* codes, int64_t n_code_bytes) {
-  check_shape(shape);
+  validate_shape(shape);
   const int64_t nb = shape.blocks_per_column();
   const int64_t n_blocks = shape.N * nb;
   if (seeds == nullptr || n_seeds != n_blocks) {

@@ -52,6 +52,9 @@ struct PreparedWeight {
   std::vector<std::vector<int>> levels;           // [16][2^bits] int levels (8-bit: one table at [8])
 };
 
+// Checks K, N, block_size, bits and scale0 against §2 (throws FormatError).
+void validate_shape(const WeightShape& shape);
+
 // Validates shape, seeds and code length against §6 and builds the per-block tables.
 // Throws FormatError. seeds: N·nb values; codes: code_bytes.
 PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, int64_t n_seeds,

@@ -92,6 +92,7 @@ Kernel* create_kernel(const OrtApi& api, const OrtKernelInfo* info, const std::s
   shape.bits = int_attr(api, info, "bits");
   OrtStatus* st = api.KernelInfoGetAttribute_float(info, "scale0", &shape.scale0);
   if (st) { api.ReleaseStatus(st); throw FormatError("missing or non-float attribute 'scale0'"); }
+  validate_shape(shape);  // before anything is sized from these numbers
 
   OrtAllocator* alloc = nullptr;
   check(api, api.GetAllocatorWithDefaultOptions(&alloc));
