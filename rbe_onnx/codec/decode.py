@@ -5,7 +5,7 @@ import numpy as np
 
 from .codebook import levels
 from .packing import unpack_codes
-from .seed import THETA_STEPS, UNIFORM_THETA, scales_from_rho, unpack_seeds
+from .seed import THETA_STEPS, UNIFORM_THETA, scales_from_rho
 from .weight import RBEWeight
 
 
@@ -16,8 +16,7 @@ def level_tables(bits: int) -> np.ndarray:
 
 def decode(w: RBEWeight) -> np.ndarray:
     """The float32 K x N matrix the weight stands for (§5: w = d · (L[c] + o))."""
-    w.validate()
-    f = unpack_seeds(w.seeds.reshape(-1))
+    f = {k: v.reshape(-1) for k, v in w.validate().items()}
     d = scales_from_rho(f["rho"], w.scale0)
     codes = unpack_codes(w.codes.reshape(-1, w.block_bytes), w.bits).astype(np.intp)  # [N·nb, bs]
     L = level_tables(w.bits)[f["theta"]]

@@ -71,7 +71,8 @@ def check_seeds(seeds: np.ndarray, K: int, N: int, bits: int, block_size: int) -
         (f["width"] != bits, f"width field differs from bits={bits}"),
         (f["outliers"] != 0, "outlier count nonzero (not allowed in v1)"),
         (f["reserved"] != 0, "reserved bits set"),
-        ((f["theta"] != UNIFORM_THETA) if bits == 8 else np.zeros(1, bool), f"theta != {UNIFORM_THETA} with 8-bit codes"),
+        ((f["theta"] != UNIFORM_THETA) if bits == 8 else np.zeros(1, bool),
+         f"theta != {UNIFORM_THETA} with 8-bit codes"),
     ]
     for bad, what in problems:
         if np.any(bad):

@@ -37,11 +37,12 @@ class RBEWeight:
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes / (self.K * self.N)
 
-    def validate(self) -> None:
-        """Raises FormatError naming the first rule of FORMAT.md §6 this weight breaks."""
+    def validate(self) -> dict[str, np.ndarray]:
+        """Raises FormatError naming the first rule of FORMAT.md §6 this weight breaks; returns the seed fields."""
         check_layout(self.K, self.N, self.bits, self.block_size, self.scale0)
-        check_seeds(self.seeds, self.K, self.N, self.bits, self.block_size)
+        fields = check_seeds(self.seeds, self.K, self.N, self.bits, self.block_size)
         expected = self.N * self.blocks_per_column * self.block_bytes
         if self.codes.dtype != np.uint8 or self.codes.ndim != 1 or self.codes.size != expected:
             raise FormatError(f"codes must be uint8 1-D of {expected} bytes, got {self.codes.dtype} "
                               f"{list(self.codes.shape)}")
+        return fields
