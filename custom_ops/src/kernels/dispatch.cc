@@ -78,7 +78,7 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
   const GemmProblem p{&w, a_pad.data(), a_sums.data(), M, bias, Y};
   auto kernel = isa == Isa::Avx2 ? gemm_columns_avx2 : isa == Isa::Neon ? gemm_columns_neon : gemm_columns_scalar;
   // Column chunks: whole 16-column tiles, small enough to balance the pool, large enough to amortise a task.
-  const int64_t chunk = M == 1 ? 64 : 32;
+  const int64_t chunk = M <= 4 ? 64 : 32;
   const int64_t tasks = (s.N + chunk - 1) / chunk;
   parallel_for(static_cast<size_t>(tasks), [&](size_t t) {
     const int64_t n0 = static_cast<int64_t>(t) * chunk;
