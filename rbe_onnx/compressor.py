@@ -12,6 +12,7 @@ import onnx
 from tqdm import tqdm
 
 from .codec import RBEWeight, decode, encode
+from .codec.gptq import encode_gptq
 from .onnx_io import load_model, save_model
 from .passes import Candidate, find_candidates, replace_candidates
 from .passes.fused_gemm import weight_matrix
@@ -53,8 +54,12 @@ def _row(c: Candidate, w: RBEWeight | None, rel_rmse: float, shared: bool) -> Re
 
 
 def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64, exclude: str | None = None,
-                  progress: bool = True) -> list[ReportRow]:
-    """Rewrites `model` in place; returns one report row per MatMul/Gemm node."""
+                  progress: bool = True, calibration_dir: Path | None = None,
+                  calibration_tokens: int = 8192) -> list[ReportRow]:
+    """Rewrites `model` in place; returns one report row per MatMul/Gemm node.
+
+    With `calibration_dir` (the exported model's folder), codes are rounded with error feedback against
+    activations of WikiText-2 valid (GPTQ-style) instead of to the nearest level."""
     candidates = find_candidates(model, exclude)
     eligible = [c for c in candidates if c.eligible]
     if not eligible:
@@ -64,9 +69,17 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
     encoded: dict[tuple[str, bool], RBEWeight] = {}
     errors: dict[tuple[str, bool], float] = {}
     unique = list({c.key: c for c in eligible}.values())
+    hessians = {}
+    if calibration_dir is not None:
+        from .calibration import activation_hessians
+
+        hessians = activation_hessians(model, Path(calibration_dir), sorted({c.node.input[0] for c in unique}),
+                                       tokens=calibration_tokens, progress=progress)
     for c in tqdm(unique, desc="encoding", unit="weight", disable=not progress):
         W = weight_matrix(model, c)
-        w = encode(W, bits=bits, block_size=block_size)
+        H = hessians.get(c.node.input[0])
+        w = encode(W, bits=bits, block_size=block_size) if H is None else \
+            encode_gptq(W, H, bits=bits, block_size=block_size)
         encoded[c.key] = w
         errors[c.key] = float(np.linalg.norm(decode(w) - W) / max(np.linalg.norm(W), 1e-30))
     seen: set = set()
@@ -90,11 +103,18 @@ def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
 
 
 def rewrite(model_or_path: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
-            bits: int = 4, block_size: int = 64, exclude: str | None = None,
-            progress: bool = True) -> tuple[onnx.ModelProto, list[ReportRow]]:
-    """Loads (if given a path), rewrites and (if output_path is given) saves with aligned external data."""
+            bits: int = 4, block_size: int = 64, exclude: str | None = None, progress: bool = True,
+            calibrate: bool = False, calibration_tokens: int = 8192) -> tuple[onnx.ModelProto, list[ReportRow]]:
+    """Loads (if given a path), rewrites and (if output_path is given) saves with aligned external data.
+
+    calibrate: error-feedback rounding from WikiText-2 valid activations; needs a path to a model exported
+    by `rbe-onnx export` (its folder holds the tokenizer and rbe_export.json)."""
+    if calibrate and isinstance(model_or_path, onnx.ModelProto):
+        raise ValueError("calibrate=True needs the exported model's path (its folder holds the tokenizer)")
     model = load_model(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
-    rows = rewrite_model(model, bits=bits, block_size=block_size, exclude=exclude, progress=progress)
+    rows = rewrite_model(model, bits=bits, block_size=block_size, exclude=exclude, progress=progress,
+                         calibration_dir=Path(model_or_path).parent if calibrate else None,
+                         calibration_tokens=calibration_tokens)
     if output_path is not None:
         save_model(model, output_path)
         if not isinstance(model_or_path, onnx.ModelProto):

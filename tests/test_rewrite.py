@@ -129,31 +129,44 @@ def bert_feeds() -> dict:
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
 
 
-def minilm_8bit_pooled(ort_session, tmp_path, minilm_onnx_dir):
-    feeds = bert_feeds()
+def wikitext_sentence_feeds(model_dir: Path, count: int = 64) -> dict:
+    """`count` WikiText-2 test paragraphs (not headings), padded, as a sentence encoder sees them."""
+    from rbe_onnx.datasets import wikitext2_rows
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tok.enable_truncation(128)
+    tok.enable_padding(pad_id=0)
+    rows = [r.strip() for r in wikitext2_rows("test") if len(r.strip()) > 40 and not r.strip().startswith("=")]
+    enc = tok.encode_batch(rows[:count])
+    ids = np.array([e.ids for e in enc], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def minilm_8bit_pooled(ort_session, tmp_path, minilm_onnx_dir, calibrate: bool):
+    feeds = wikitext_sentence_feeds(minilm_onnx_dir)
     ref = ort_session(minilm_onnx_dir).run(None, feeds)[0]
-    model = rewritten(minilm_onnx_dir, tmp_path, bits=8)
-    got = ort_session(model, custom_op_library=get_library_path()).run(None, feeds)[0]
-    assert len([n for n in onnx.load(str(model), load_external_data=False).graph.node
+    out = tmp_path / "model.onnx"
+    rewrite(minilm_onnx_dir / "model.onnx", out, bits=8, calibrate=calibrate, progress=False)
+    got = ort_session(out, custom_op_library=get_library_path()).run(None, feeds)[0]
+    assert len([n for n in onnx.load(str(out), load_external_data=False).graph.node
                 if n.op_type == "RBEFusedGemm"]) == 6 * 6
     m = feeds["attention_mask"][..., None]
     pooled = lambda x: (x * m).sum(1) / m.sum(1)  # noqa: E731  sentence-transformers mean pooling
     return pooled(ref), pooled(got)
 
 
-def test_minilm_8bit_embeddings_close_to_fp32(ort_session, tmp_path, minilm_onnx_dir):
-    """Regression guard at what uncalibrated 8-bit reaches today (whole-tensor cosine 0.99980)."""
-    ref, got = minilm_8bit_pooled(ort_session, tmp_path, minilm_onnx_dir)
+def test_minilm_8bit_round_to_nearest_close_to_fp32(ort_session, tmp_path, minilm_onnx_dir):
+    """Uncalibrated 8-bit leaves 0.55 % weight RMSE (as ORT's own 8-bit RTN) and MiniLM amplifies it:
+    pooled cosine ~0.9998 today. This guards that level; the issue's 0.9999 needs calibration (below)."""
+    ref, got = minilm_8bit_pooled(ort_session, tmp_path, minilm_onnx_dir, calibrate=False)
     assert cosine(ref.reshape(1, -1), got.reshape(1, -1))[0] >= 0.9997
     assert cosine(ref, got).min() >= 0.9995
 
 
-@pytest.mark.xfail(strict=True, reason="MiniLM is unusually sensitive: round-to-nearest 8-bit (0.55 % weight "
-                   "RMSE, as ORT's own 8-bit RTN) gives pooled cosine 0.9998; 0.9999 needs calibrated "
-                   "error-feedback rounding (issue 4)")
-def test_minilm_8bit_embeddings_reach_issue_bar(ort_session, tmp_path, minilm_onnx_dir):
-    ref, got = minilm_8bit_pooled(ort_session, tmp_path, minilm_onnx_dir)
-    assert_matches_8bit(ref, got, "MiniLM mean-pooled embeddings")
+def test_minilm_8bit_calibrated_matches_fp32(ort_session, tmp_path, minilm_onnx_dir):
+    ref, got = minilm_8bit_pooled(ort_session, tmp_path, minilm_onnx_dir, calibrate=True)
+    assert_matches_8bit(ref, got, "MiniLM mean-pooled embeddings (calibrated)")
 
 
 RSS_PROBE = """

@@ -71,8 +71,23 @@ def _refit(X, valid, bits, scale0, best, best_codes, best_err) -> None:
         best["rho"][idx], best["offset"][idx] = rho[better], offset[better]
 
 
-def encode(W: np.ndarray, bits: int = 4, block_size: int = 64) -> RBEWeight:
-    """Encodes a K x N float matrix (Y = A·W) into seeds and packed codes."""
+def _scale0_for(half: np.ndarray, bits: int) -> float:
+    """s0 just under the smallest scale the search can ask for, so rho never clips at 0."""
+    positive = half[half > 0]
+    span = 127.5 if bits == 8 else LEVEL_SPAN
+    return float(positive.min() * min(SHRINKS[bits]) / span * 0.5) if positive.size else 1.0
+
+
+def default_scale0(W: np.ndarray, bits: int, block_size: int) -> float:
+    X, valid = _blocks(np.asarray(W, dtype=np.float32), block_size)
+    big = np.finfo(np.float32).max
+    half = (np.where(valid, X, -big).max(axis=1) - np.where(valid, X, big).min(axis=1)) * 0.5
+    return _scale0_for(half, bits)
+
+
+def encode(W: np.ndarray, bits: int = 4, block_size: int = 64, scale0: float | None = None) -> RBEWeight:
+    """Encodes a K x N float matrix (Y = A·W) into seeds and packed codes (scale0: the node's s0, chosen
+    from W unless given)."""
     W = np.asarray(W, dtype=np.float32)
     if W.ndim != 2:
         raise ValueError(f"weight must be 2-D, got shape {list(W.shape)}")
@@ -86,9 +101,8 @@ def encode(W: np.ndarray, bits: int = 4, block_size: int = 64) -> RBEWeight:
     hi = np.where(valid, X, -big).max(axis=1)
     center, half = (hi + lo) * 0.5, (hi - lo) * 0.5
     span = 127.5 if bits == 8 else LEVEL_SPAN
-    positive = half[half > 0]
-    # s0 sits just under the smallest scale the search can ask for, so rho never clips at 0.
-    scale0 = float(positive.min() * min(SHRINKS[bits]) / span * 0.5) if positive.size else 1.0
+    if scale0 is None:
+        scale0 = _scale0_for(half, bits)
 
     best_err = np.full(X.shape[0], np.inf, dtype=np.float64)
     best = {k: np.zeros(X.shape[0], np.int64) for k in ("rho", "theta", "offset")}

@@ -1,0 +1,217 @@
+// libFuzzer target for the kernel-creation path: rbe::prepare_weight (the validator every RBEFusedGemm node
+// goes through in CreateKernelV2) and, when it accepts a weight, rbe::gemm with the scalar reference and
+// the best ISA of this CPU on a small A.
+//
+// Oracles (any violation aborts, which libFuzzer reports as a crash):
+//  - prepare_weight must accept exactly the weights docs/FORMAT.md §6 allows (reference.h re-derives the
+//    rules independently) and reject the others with rbe::FormatError (a normal outcome), nothing else;
+//  - scalar and best-ISA gemm must both match a double-precision reference computed from the raw seeds
+//    and codes (reference.h) within a rounding bound, and each other; rows of A with NaN/Inf must give
+//    non-finite outputs;
+//  - ASan/UBSan (built with -fsanitize=fuzzer,address,undefined): every buffer below is a heap allocation
+//    of exactly the size claimed, so any read past the codes, seeds, A or bias is reported.
+//
+// Input layout (little-endian; reading past the end yields zeros, so every input is meaningful):
+//   u8  flags          bit0 RAW_SHAPE, bit1 RAW_SCALE, bit2 BIAS, bit3 SEED_DELTA, bit4 CODE_DELTA,
+//                      bit5 NAN_IN_A, bit6 INF_IN_A
+//   RAW_SHAPE:  i64 K, i64 N, i64 block_size, i64 bits
+//   otherwise:  u16 K' (K = 1 + K' % 2048), u8 N' (N = 1 + N' % 96), u8 block selector (32/64/128/256),
+//               u8 bits selector (2/3/4/8)
+//   RAW_SCALE:  f32 scale0 (any bit pattern); otherwise u8 e, scale0 = 2^-(e % 40)
+//   u8  M (M % 21 rows of A, so 0..20: covers the 1-row, 4/6-row micro-kernel and tail paths)
+//   u8  A exponent (A values uniform in [-1, 1] · 2^(e % 24 - 12))
+//   i8  seed count delta (with SEED_DELTA), i16 code length delta (with CODE_DELTA)
+//   u16 S: how many seeds are taken from the input
+//   u8  PRNG seed (fills whatever the input does not give: seeds past S, codes past the input's end, A)
+//   S x u64 seed masks: seed i = mask_i XOR (a valid seed of width `bits`, rho = theta = offset = 0 but
+//                       theta = 4), so all-zero masks are valid and flipped bits probe each seed field
+//   rest: code bytes (then PRNG bytes up to the claimed length)
+// custom_ops/fuzz/make_corpus.py writes seed inputs in this layout.
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "rbe/format.h"
+#include "rbe/kernels.h"
+#include "reference.h"
+
+namespace {
+
+enum Flags : uint8_t {
+  kRawShape = 1, kRawScale = 2, kBias = 4, kSeedDelta = 8, kCodeDelta = 16, kNanInA = 32, kInfInA = 64
+};
+constexpr int64_t kMaxSeeds = int64_t{1} << 16;       // caps what one input may make us allocate
+constexpr int64_t kMaxCodeBytes = int64_t{1} << 21;
+
+struct Reader {
+  const uint8_t* p;
+  size_t n, pos = 0;
+  template <typename T>
+  T take() {
+    T v{};
+    const size_t k = pos < n ? std::min(sizeof(T), n - pos) : 0;
+    if (k) std::memcpy(&v, p + pos, k);
+    pos += sizeof(T);
+    return v;
+  }
+  size_t left() const { return pos < n ? n - pos : 0; }
+  const uint8_t* here() const { return p + std::min(pos, n); }
+};
+
+struct SplitMix {
+  uint64_t s;
+  uint64_t next() {
+    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+  }
+  float uniform() { return static_cast<float>(static_cast<double>(next() >> 11) * 0x1.0p-53 * 2.0 - 1.0); }
+};
+
+[[noreturn]] void die(const std::string& what) {
+  std::fprintf(stderr, "fuzz_prepare: %s\n", what.c_str());
+  std::fflush(stderr);
+  std::abort();
+}
+
+// RBE_FUZZ_VERBOSE=1: one line per input saying whether prepare_weight accepted it (to check the corpus).
+bool verbose() {
+  static const bool v = [] {
+    const char* e = std::getenv("RBE_FUZZ_VERBOSE");
+    return e != nullptr && *e != '\0' && *e != '0';
+  }();
+  return v;
+}
+
+// Runs the tasks in reverse order: results must not depend on the order the pool picks tasks in.
+void reverse_for(size_t n, const std::function<void(size_t)>& task) {
+  for (size_t i = n; i-- > 0;) task(i);
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  Reader in{data, size};
+  const uint8_t flags = in.take<uint8_t>();
+  int64_t K, N, bs, bits;
+  if (flags & kRawShape) {
+    K = in.take<int64_t>();
+    N = in.take<int64_t>();
+    bs = in.take<int64_t>();
+    bits = in.take<int64_t>();
+  } else {
+    static const int64_t kBlocks[] = {32, 64, 128, 256}, kBits[] = {2, 3, 4, 8};
+    K = 1 + in.take<uint16_t>() % 2048;
+    N = 1 + in.take<uint8_t>() % 96;
+    bs = kBlocks[in.take<uint8_t>() % 4];
+    bits = kBits[in.take<uint8_t>() % 4];
+  }
+  float scale0;
+  if (flags & kRawScale) scale0 = in.take<float>();
+  else scale0 = std::ldexp(1.0f, -static_cast<int>(in.take<uint8_t>() % 40));
+  const int64_t M = in.take<uint8_t>() % 21;
+  const int a_exp = in.take<uint8_t>() % 24 - 12;
+  const int8_t seed_delta = in.take<int8_t>();
+  const int16_t code_delta = in.take<int16_t>();
+  const uint16_t seeds_from_input = in.take<uint16_t>();
+  SplitMix rng{in.take<uint8_t>() * 0x100000001B3ull + 1};
+
+  // Sizes: the true ones when the shape is valid and small enough, otherwise a small (truthful) buffer
+  // that cannot match, so prepare_weight must reject it before reading past it.
+  int64_t n_seeds = 1, n_code_bytes = 16;
+  if (rbe_ref::shape_ok(K, N, bs, bits, scale0)) {
+    const int64_t nb = (K + bs - 1) / bs;
+    if (N * nb <= kMaxSeeds && N * nb * bs * bits / 8 <= kMaxCodeBytes) {
+      n_seeds = N * nb;
+      n_code_bytes = N * nb * bs * bits / 8;
+    }
+  }
+  if (flags & kSeedDelta) n_seeds = std::max<int64_t>(0, n_seeds + seed_delta);
+  if (flags & kCodeDelta) n_code_bytes = std::max<int64_t>(0, n_code_bytes + code_delta);
+
+  // Exactly-sized heap buffers (nullptr when empty), so ASan sees any overread.
+  std::unique_ptr<int64_t[]> seeds(n_seeds ? new int64_t[static_cast<size_t>(n_seeds)] : nullptr);
+  const uint32_t width = static_cast<uint32_t>(bits) & 0xFu;
+  for (int64_t i = 0; i < n_seeds; ++i) {
+    if (i < seeds_from_input) {
+      seeds[i] = static_cast<int64_t>(static_cast<uint64_t>(in.take<uint64_t>()) ^
+                                      static_cast<uint64_t>(rbe_ref::make_seed(0, 4, 0, width)));
+    } else {
+      const uint64_t r = rng.next();
+      seeds[i] = rbe_ref::make_seed(static_cast<uint32_t>(r % 1536), bits == 8 ? 4 : (r >> 16) % 16,
+                                    static_cast<int>((r >> 24) % 256) - 128, width);
+    }
+  }
+  std::unique_ptr<uint8_t[]> codes(n_code_bytes ? new uint8_t[static_cast<size_t>(n_code_bytes)] : nullptr);
+  {
+    const size_t from_input = std::min<size_t>(in.left(), static_cast<size_t>(n_code_bytes));
+    if (from_input) std::memcpy(codes.get(), in.here(), from_input);
+    for (size_t i = from_input; i < static_cast<size_t>(n_code_bytes); ++i)
+      codes[i] = static_cast<uint8_t>(rng.next());
+  }
+
+  const std::string expected = rbe_ref::invalid_reason(K, N, bs, bits, scale0, seeds.get(), n_seeds, codes.get(),
+                                                            n_code_bytes);
+  rbe::WeightShape shape;
+  shape.K = K;
+  shape.N = N;
+  shape.block_size = bs;
+  shape.bits = bits;
+  shape.scale0 = scale0;
+  rbe::PreparedWeight w;
+  try {
+    w = rbe::prepare_weight(shape, seeds.get(), n_seeds, codes.get(), n_code_bytes);
+  } catch (const rbe::FormatError& e) {
+    if (expected.empty())
+      die(std::string("prepare_weight rejected a valid weight: ") + e.what() + " (K=" + std::to_string(K) +
+          " N=" + std::to_string(N) + " block_size=" + std::to_string(bs) + " bits=" + std::to_string(bits) + ")");
+    if (std::strlen(e.what()) == 0) die("FormatError without a message");
+    if (verbose()) std::fprintf(stderr, "RBE_FUZZ rejected: %s\n", e.what());
+    return 0;  // a normal outcome
+  } catch (const std::exception& e) {
+    die(std::string("prepare_weight threw something other than FormatError: ") + e.what());
+  }
+  if (!expected.empty()) die("prepare_weight accepted a weight the spec rejects: " + expected);
+  if (verbose())
+    std::fprintf(stderr, "RBE_FUZZ accepted: K=%lld N=%lld block_size=%lld bits=%lld M=%lld\n",
+                 static_cast<long long>(K), static_cast<long long>(N), static_cast<long long>(bs),
+                 static_cast<long long>(bits), static_cast<long long>(M));
+
+  // Accepted: run the kernels on a small A and compare with the reference.
+  if (M == 0) return 0;
+  const int64_t nb = w.shape.blocks_per_column();
+  std::unique_ptr<float[]> A(new float[static_cast<size_t>(M * K)]);
+  for (int64_t i = 0; i < M * K; ++i) A[i] = std::ldexp(rng.uniform(), a_exp);
+  if (flags & (kNanInA | kInfInA)) {
+    const uint64_t r = rng.next();
+    A[(r >> 8) % static_cast<uint64_t>(M * K)] = (flags & kNanInA) ? NAN : ((r & 1) ? INFINITY : -INFINITY);
+  }
+  std::unique_ptr<float[]> bias;
+  if (flags & kBias) {
+    bias.reset(new float[static_cast<size_t>(N)]);
+    for (int64_t n = 0; n < N; ++n) bias[n] = rng.uniform();
+  }
+  const rbe_ref::Product ref = rbe_ref::reference_gemm(K, N, bs, static_cast<int>(bits), scale0, seeds.get(),
+                                                       codes.get(), A.get(), M, bias.get());
+  std::unique_ptr<float[]> y_scalar(new float[static_cast<size_t>(M * N)]);
+  rbe::gemm(w, A.get(), M, bias.get(), y_scalar.get(), rbe::Isa::Scalar);
+  std::string bad = rbe_ref::check_against(ref, y_scalar.get(), M, N, K, nb, "scalar");
+  if (!bad.empty()) die(bad);
+
+  const rbe::Isa best = rbe::best_isa();
+  if (best != rbe::Isa::Scalar) {
+    std::unique_ptr<float[]> y_best(new float[static_cast<size_t>(M * N)]);
+    rbe::gemm(w, A.get(), M, bias.get(), y_best.get(), best, reverse_for);
+    bad = rbe_ref::check_against(ref, y_best.get(), M, N, K, nb, rbe::isa_name(best));
+    if (!bad.empty()) die(bad);
+  }
+  return 0;
+}

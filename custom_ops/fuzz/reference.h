@@ -1,0 +1,180 @@
+// An independent reading of docs/FORMAT.md for the fuzzer (fuzz_prepare.cc) and the sanitizer driver
+// (tests/sanitize_driver.cc): seed fields (§3), code unpacking (§4), validity (§6) and a double-precision
+// product Y = A·W + bias, plus the tolerance a float kernel must meet against it. Only the level tables
+// (§5) come from the library (rbe::level_table, itself tested against the numpy spec).
+// Nothing here calls the code under test's validator or decoder, so the two can disagree and be caught.
+#pragma once
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "rbe/format.h"
+
+namespace rbe_ref {
+
+struct Seed {
+  uint32_t rho, theta, width, outliers, reserved, tag;
+  int offset;
+};
+
+inline Seed seed_fields(uint64_t s) {
+  Seed f;
+  f.rho = static_cast<uint32_t>(s & 0xFFFFu);
+  f.theta = static_cast<uint32_t>((s >> 16) & 0xFu);
+  const uint32_t off = static_cast<uint32_t>((s >> 20) & 0xFFu);
+  f.offset = off < 128 ? static_cast<int>(off) : static_cast<int>(off) - 256;
+  f.width = static_cast<uint32_t>((s >> 28) & 0xFu);
+  f.outliers = static_cast<uint32_t>((s >> 32) & 0xFFu);
+  f.reserved = static_cast<uint32_t>((s >> 40) & 0xFFFFu);
+  f.tag = static_cast<uint32_t>(s >> 56);
+  return f;
+}
+
+// A valid v1 seed (§3) as the int64 bit pattern the node stores.
+inline int64_t make_seed(uint32_t rho, uint32_t theta, int offset, uint32_t width) {
+  const uint64_t u = uint64_t{rho & 0xFFFFu} | uint64_t{theta & 0xFu} << 16 |
+                     uint64_t{static_cast<uint8_t>(offset)} << 20 | uint64_t{width & 0xFu} << 28 |
+                     uint64_t{0xB1} << 56;
+  return static_cast<int64_t>(u);
+}
+
+inline bool bits_ok(int64_t b) { return b == 2 || b == 3 || b == 4 || b == 8; }
+inline bool block_ok(int64_t s) { return s == 32 || s == 64 || s == 128 || s == 256; }
+inline bool shape_ok(int64_t K, int64_t N, int64_t bs, int64_t bits, float scale0) {
+  const int64_t max_dim = int64_t{1} << 24;
+  return bits_ok(bits) && block_ok(bs) && K >= 1 && K <= max_dim && N >= 1 && N <= max_dim &&
+         std::isfinite(scale0) && scale0 > 0.f;
+}
+
+// §3: d = float32(s0 · exp(rho / 512)), computed in double.
+inline float block_scale(float scale0, uint32_t rho) {
+  return static_cast<float>(static_cast<double>(scale0) * std::exp(rho / 512.0));
+}
+
+// The first §6 rule the weight breaks, or "" when it is valid. Sizes are only computed for a valid shape.
+inline std::string invalid_reason(int64_t K, int64_t N, int64_t bs, int64_t bits, float scale0,
+                                  const int64_t* seeds, int64_t n_seeds, const uint8_t* codes,
+                                  int64_t n_code_bytes) {
+  if (!shape_ok(K, N, bs, bits, scale0)) return "shape/attributes out of range";
+  const int64_t nb = (K + bs - 1) / bs;
+  if (n_seeds != N * nb || seeds == nullptr) return "seed count";
+  if (n_code_bytes != N * nb * bs * bits / 8 || codes == nullptr) return "code length";
+  for (int64_t i = 0; i < n_seeds; ++i) {
+    const Seed f = seed_fields(static_cast<uint64_t>(seeds[i]));
+    if (f.tag != 0xB1) return "tag";
+    if (f.width != static_cast<uint32_t>(bits)) return "width";
+    if (f.outliers != 0) return "outliers";
+    if (f.reserved != 0) return "reserved";
+    if (bits == 8 && f.theta != 4) return "theta with 8 bits";
+    if (!std::isfinite(block_scale(scale0, f.rho))) return "scale overflow";
+  }
+  return "";
+}
+
+// Code i (0 <= i < block_size) of one block, read bit by bit as §4 describes it.
+inline int code_at(const uint8_t* block, int bits, int i) {
+  const uint8_t* g = block + (i / 32) * 4 * bits;
+  const int t = i % 32;
+  switch (bits) {
+    case 8: return g[t];
+    case 4: return t < 16 ? (g[t] & 0xF) : (g[t - 16] >> 4);
+    default: {
+      const int low = (g[t % 8] >> (2 * (t / 8))) & 3;
+      if (bits == 2) return low;
+      const int high = (g[8 + t / 8] >> (t % 8)) & 1;
+      return low | high << 2;
+    }
+  }
+}
+
+struct Product {
+  std::vector<double> y;    // M x N, exact-ish (double) result
+  std::vector<double> mag;  // M x N, sum of |a|·d·(|L|+|o|) + |bias|: the scale of rounding errors
+  std::vector<double> l1;   // M, sum of |a| over the row
+  std::vector<bool> row_finite;  // M, row of A holds no NaN/Inf
+  // N: no block of the column has d·(128 + |o|) near FLT_MAX. Where one has, a kernel may overflow in an
+  // intermediate (d·o, d·(L+o)) even though the exact product is finite: valid, but nothing to compare.
+  std::vector<bool> col_tame;
+};
+
+// Y = A·W + bias in double from the raw seeds and codes (the weight must be valid).
+inline Product reference_gemm(int64_t K, int64_t N, int64_t bs, int bits, float scale0, const int64_t* seeds,
+                              const uint8_t* codes, const float* A, int64_t M, const float* bias) {
+  const int64_t nb = (K + bs - 1) / bs, block_bytes = bs * bits / 8;
+  Product p;
+  p.y.assign(static_cast<size_t>(M * N), 0.0);
+  p.mag.assign(static_cast<size_t>(M * N), 0.0);
+  p.l1.assign(static_cast<size_t>(M), 0.0);
+  p.row_finite.assign(static_cast<size_t>(M), true);
+  p.col_tame.assign(static_cast<size_t>(N), true);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      const double a = A[m * K + k];
+      if (!std::isfinite(a)) p.row_finite[m] = false;
+      p.l1[m] += std::fabs(a);
+    }
+  std::vector<std::vector<int>> tables(16);
+  for (int t = 0; t < 16; ++t) tables[t] = rbe::level_table(bits, bits == 8 ? 4 : t);
+  std::vector<double> w(static_cast<size_t>(K)), wmag(static_cast<size_t>(K));
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const Seed f = seed_fields(static_cast<uint64_t>(seeds[n * nb + b]));
+      const double d = block_scale(scale0, f.rho);
+      if (!(d * (128.0 + std::abs(f.offset)) < 0.25 * FLT_MAX)) p.col_tame[n] = false;
+      const std::vector<int>& L = tables[f.theta];
+      const uint8_t* block = codes + (n * nb + b) * block_bytes;
+      for (int64_t i = 0; i < bs && b * bs + i < K; ++i) {
+        const int level = L[static_cast<size_t>(code_at(block, bits, static_cast<int>(i)))];
+        w[b * bs + i] = d * (level + f.offset);
+        wmag[b * bs + i] = d * (std::abs(level) + std::abs(f.offset));
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      double acc = bias ? bias[n] : 0.0, mag = bias ? std::fabs(bias[n]) : 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        acc += static_cast<double>(A[m * K + k]) * w[k];
+        mag += std::fabs(static_cast<double>(A[m * K + k])) * wmag[k];
+      }
+      p.y[m * N + n] = acc;
+      p.mag[m * N + n] = mag;
+    }
+  }
+  return p;
+}
+
+// Checks a float result against the reference; "" when it agrees, else a description of the first
+// disagreement. A float kernel that sums K products in float (any order, any blocking) stays within
+// (K + nb + 64)·eps·mag; subnormal intermediates add at most a few FLT_MIN per term. Rows of A holding
+// NaN/Inf must give non-finite outputs, every other output must be finite unless mag overflows float or
+// the column has block scales near FLT_MAX.
+inline std::string check_against(const Product& ref, const float* y, int64_t M, int64_t N, int64_t K,
+                                 int64_t nb, const char* what) {
+  const double terms = static_cast<double>(K + nb + 64);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      const double got = y[m * N + n], want = ref.y[m * N + n], mag = ref.mag[m * N + n];
+      std::ostringstream msg;
+      msg << what << ": Y[" << m << ", " << n << "] = " << got << ", reference " << want << " (mag " << mag
+          << ", K=" << K << ")";
+      if (!ref.row_finite[m]) {
+        if (std::isfinite(got)) return msg.str() + ": finite output from a row holding NaN/Inf";
+        continue;
+      }
+      if (!(mag < 0.25 * FLT_MAX) || !ref.col_tame[n]) continue;  // may overflow float legitimately
+      if (!std::isfinite(got)) return msg.str() + ": non-finite output";
+      const double tol = 4.0 * terms * (FLT_EPSILON * mag + FLT_MIN * (1.0 + ref.l1[m]));
+      if (std::fabs(got - want) > tol) {
+        msg << ": off by " << std::fabs(got - want) << " > tolerance " << tol;
+        return msg.str();
+      }
+    }
+  return "";
+}
+
+}  // namespace rbe_ref

@@ -1,0 +1,279 @@
+// NEON kernel for aarch64 (Advanced SIMD is mandatory there, so it is chosen whenever it is built).
+// Same plan as gemm_avx2.cc, and checked against gemm_scalar.cc (the reference) by tests/kernel_test.cc:
+// M == 1 (decode): per column, 32 codes at a time become 32 int8 levels through shifts, masks and one
+// vqtbl1q_s8 table lookup per 16 codes (8-bit codes need no table: c - 128 is c ^ 0x80 read as int8);
+// they are widened to floats and FMA'd against the activations; the block scale is applied once per block
+// and the offset through the precomputed block sums.
+// M > 1 (prefill): a tile of 16 columns is decoded into a cache-resident [K][16] float buffer (four
+// columns at a time, transposed in registers so every store is a whole vector) that feeds a 4-row x
+// 16-column FMA micro-kernel, so each weight is decoded once per tile, not once per row.
+#include <arm_neon.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "kernels_internal.h"
+
+namespace rbe {
+namespace {
+
+// The 32 byte-codes of one packing group (FORMAT.md §4): codes 0..15 in lo, 16..31 in hi.
+// Each branch names the scalar loop of unpack_block_codes (format.cc) it replaces.
+template <int BITS>
+inline void group_codes(const uint8_t* p, uint8x16_t& lo, uint8x16_t& hi) {
+  if constexpr (BITS == 8) {
+    // scalar: o[t] = p[t]
+    lo = vld1q_u8(p);
+    hi = vld1q_u8(p + 16);
+  } else if constexpr (BITS == 4) {
+    // scalar: o[j] = p[j] & 0xF; o[j + 16] = p[j] >> 4. The layout puts the two halves of the group in
+    // the two nibbles of the same 16 bytes, so one load and two ALU ops give all 32 codes in order.
+    const uint8x16_t v = vld1q_u8(p);
+    lo = vandq_u8(v, vdupq_n_u8(0x0F));
+    hi = vshrq_n_u8(v, 4);
+  } else {
+    // scalar: o[j + 8q] = (p[j] >> 2q) & 3 for q = 0..3: each shift of the same 8 bytes yields the next
+    // 8 codes, so concatenating the four shifted copies puts them in order.
+    const uint8x8_t v = vld1_u8(p);
+    const uint8x8_t m = vdup_n_u8(0x03);
+    lo = vcombine_u8(vand_u8(v, m), vand_u8(vshr_n_u8(v, 2), m));
+    hi = vcombine_u8(vand_u8(vshr_n_u8(v, 4), m), vshr_n_u8(v, 6));
+    if constexpr (BITS == 3) {
+      // scalar: o[t] |= ((high >> t) & 1) << 2 with high the little-endian uint32 at p + 8.
+      // Byte t of the group needs bit t%8 of byte t/8 of `high`: broadcast that byte over 8 lanes, test
+      // lane i against bit i (vtst gives 0xFF where set) and keep 4 where the bit was set.
+      // memcpy, not an 8-byte vld1_u8: the group ends 4 bytes after p + 8, possibly at the end of the codes.
+      uint32_t high;
+      std::memcpy(&high, p + 8, 4);
+      const uint8x8_t h = vreinterpret_u8_u32(vdup_n_u32(high));  // lanes 0..3 = bytes 0..3 (little-endian)
+      static const uint8_t kBits[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
+      const uint8x16_t bit = vld1q_u8(kBits);
+      const uint8x16_t four = vdupq_n_u8(4);
+      const uint8x16_t s_lo = vcombine_u8(vdup_lane_u8(h, 0), vdup_lane_u8(h, 1));
+      const uint8x16_t s_hi = vcombine_u8(vdup_lane_u8(h, 2), vdup_lane_u8(h, 3));
+      lo = vorrq_u8(lo, vandq_u8(vtstq_u8(s_lo, bit), four));
+      hi = vorrq_u8(hi, vandq_u8(vtstq_u8(s_hi, bit), four));
+    }
+  }
+}
+
+// int8 levels L[c] of a group's 32 codes (FORMAT.md §5). 2/3/4-bit codes are < 16, so one 16-byte table
+// (w.lut[theta]) serves them all through vqtbl1q_s8; 8-bit levels are c - 128 = (c ^ 0x80) as int8.
+template <int BITS>
+inline void group_levels(const uint8_t* p, int8x16_t lut, int8x16_t& lo, int8x16_t& hi) {
+  uint8x16_t c_lo, c_hi;
+  group_codes<BITS>(p, c_lo, c_hi);
+  if constexpr (BITS == 8) {
+    const uint8x16_t bias = vdupq_n_u8(0x80);
+    lo = vreinterpretq_s8_u8(veorq_u8(c_lo, bias));
+    hi = vreinterpretq_s8_u8(veorq_u8(c_hi, bias));
+  } else {
+    lo = vqtbl1q_s8(lut, c_lo);
+    hi = vqtbl1q_s8(lut, c_hi);
+  }
+}
+
+// 16 int8 levels -> four float32x4 (levels are in [-128, 127], exact in float).
+inline void widen(int8x16_t v, float32x4_t out[4]) {
+  const int16x8_t l = vmovl_s8(vget_low_s8(v)), h = vmovl_s8(vget_high_s8(v));
+  out[0] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(l)));
+  out[1] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(l)));
+  out[2] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(h)));
+  out[3] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(h)));
+}
+
+// The 32 levels of a group as eight float32x4: lanes of f[q] are codes 4q .. 4q+3.
+template <int BITS>
+inline void group_floats(const uint8_t* p, int8x16_t lut, float32x4_t f[8]) {
+  int8x16_t lo, hi;
+  group_levels<BITS>(p, lut, lo, hi);
+  widen(lo, f);
+  widen(hi, f + 4);
+}
+
+inline int8x16_t block_lut(const PreparedWeight& w, int64_t blk) { return vld1q_s8(w.lut[w.theta[blk]]); }
+
+// scalar: Y[n] = Σ_b d_b · (Σ_k L[c_k]·a_k + o_b · Σ_k a_k) + bias[n], the same sum as gemm_scalar.cc
+// written block by block so the scale multiplies once per block.
+template <int BITS>
+void gemv(const GemmProblem& p, int64_t n0, int64_t n1) {
+  const PreparedWeight& w = *p.w;
+  const int64_t nb = w.shape.blocks_per_column(), bs = w.shape.block_size, bb = w.shape.block_bytes();
+  const float* a = p.a_pad;
+  const int64_t column_bytes = nb * bb;
+  for (int64_t n = n0; n < n1; ++n) {
+    // As in the AVX2 kernel: one column's codes are too short a stream for the hardware prefetcher to get
+    // ahead of, so ask for the codes two columns ahead.
+    if (n + 2 < n1) {
+      const uint8_t* ahead = w.codes + (n + 2) * column_bytes;
+      for (int64_t off = 0; off < column_bytes; off += 64) __builtin_prefetch(ahead + off, 0, 3);
+    }
+    float32x4_t acc = vdupq_n_f32(0.f);
+    float offset_acc = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t blk = n * nb + b;
+      const uint8_t* codes = w.codes + blk * bb;
+      const int8x16_t lut = block_lut(w, blk);
+      const float* ab = a + b * bs;
+      // Four independent accumulators: a group is 8 FMAs, and one chain would wait on FMA latency.
+      float32x4_t d0 = vdupq_n_f32(0.f), d1 = d0, d2 = d0, d3 = d0;
+      for (int64_t g = 0; g < bs; g += 32) {
+        float32x4_t f[8];
+        group_floats<BITS>(codes + g * BITS / 8, lut, f);
+        const float* ag = ab + g;
+        d0 = vfmaq_f32(d0, f[0], vld1q_f32(ag));
+        d1 = vfmaq_f32(d1, f[1], vld1q_f32(ag + 4));
+        d2 = vfmaq_f32(d2, f[2], vld1q_f32(ag + 8));
+        d3 = vfmaq_f32(d3, f[3], vld1q_f32(ag + 12));
+        d0 = vfmaq_f32(d0, f[4], vld1q_f32(ag + 16));
+        d1 = vfmaq_f32(d1, f[5], vld1q_f32(ag + 20));
+        d2 = vfmaq_f32(d2, f[6], vld1q_f32(ag + 24));
+        d3 = vfmaq_f32(d3, f[7], vld1q_f32(ag + 28));
+      }
+      const float32x4_t dsum = vaddq_f32(vaddq_f32(d0, d1), vaddq_f32(d2, d3));
+      acc = vfmaq_n_f32(acc, dsum, w.scale[blk]);
+      offset_acc += w.scale[blk] * w.offset[blk] * p.a_sums[b];
+    }
+    p.Y[n] = vaddvq_f32(acc) + offset_acc + (p.bias ? p.bias[n] : 0.f);
+  }
+}
+
+constexpr int kTileN = 16;
+
+// 4x4 float transpose: r[i] lane j -> out[j] lane i.
+inline void transpose4(const float32x4_t r[4], float32x4_t out[4]) {
+  const float32x4_t t0 = vtrn1q_f32(r[0], r[1]), t1 = vtrn2q_f32(r[0], r[1]);
+  const float32x4_t t2 = vtrn1q_f32(r[2], r[3]), t3 = vtrn2q_f32(r[2], r[3]);
+  out[0] = vreinterpretq_f32_f64(vtrn1q_f64(vreinterpretq_f64_f32(t0), vreinterpretq_f64_f32(t2)));
+  out[1] = vreinterpretq_f32_f64(vtrn1q_f64(vreinterpretq_f64_f32(t1), vreinterpretq_f64_f32(t3)));
+  out[2] = vreinterpretq_f32_f64(vtrn2q_f64(vreinterpretq_f64_f32(t0), vreinterpretq_f64_f32(t2)));
+  out[3] = vreinterpretq_f32_f64(vtrn2q_f64(vreinterpretq_f64_f32(t1), vreinterpretq_f64_f32(t3)));
+}
+
+// Decodes columns [n0, n0+16) (zeros past N) into tile[k][16] as full float weights d·(L[c]+o), for
+// k < padded_K (scalar: decode_block per column, then tile[k][j] = column_j[k]).
+// Four columns are decoded side by side: each gives eight float32x4 per group (k along the lanes), and a
+// 4x4 transpose (trn1/trn2, cheap on NEON) turns them into vectors along the tile row (4 columns at one
+// k), stored whole, instead of 32 strided scalar stores per column and group.
+template <int BITS>
+void decode_tile(const PreparedWeight& w, int64_t n0, float* tile) {
+  const int64_t nb = w.shape.blocks_per_column(), bs = w.shape.block_size, bb = w.shape.block_bytes();
+  const int64_t N = w.shape.N;
+  for (int j0 = 0; j0 < kTileN; j0 += 4) {
+    const int live = static_cast<int>(std::clamp<int64_t>(N - (n0 + j0), 0, 4));  // columns < N here
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* codes[4];
+      int8x16_t lut[4];
+      float32x4_t d[4], o[4];
+      for (int c = 0; c < live; ++c) {
+        const int64_t blk = (n0 + j0 + c) * nb + b;
+        codes[c] = w.codes + blk * bb;
+        lut[c] = block_lut(w, blk);
+        d[c] = vdupq_n_f32(w.scale[blk]);
+        o[c] = vdupq_n_f32(w.offset[blk]);
+      }
+      for (int64_t g = 0; g < bs; g += 32) {
+        float32x4_t f[4][8];  // f[column][q]: k = 4q .. 4q+3 of this group
+        for (int c = 0; c < 4; ++c) {
+          if (c < live) {
+            group_floats<BITS>(codes[c] + g * BITS / 8, lut[c], f[c]);
+            for (int q = 0; q < 8; ++q) f[c][q] = vmulq_f32(d[c], vaddq_f32(f[c][q], o[c]));
+          } else {
+            for (int q = 0; q < 8; ++q) f[c][q] = vdupq_n_f32(0.f);
+          }
+        }
+        float* dst = tile + (b * bs + g) * kTileN + j0;
+        for (int q = 0; q < 8; ++q) {
+          const float32x4_t r[4] = {f[0][q], f[1][q], f[2][q], f[3][q]};
+          float32x4_t t[4];
+          transpose4(r, t);
+          for (int i = 0; i < 4; ++i) vst1q_f32(dst + (4 * q + i) * kTileN, t[i]);
+        }
+      }
+    }
+  }
+}
+
+// acc[r][0..3] = Σ_k a[r][k] · tile[k][0..15] over k < K4 (a multiple of 4). The activations are read
+// four k at a time and broadcast from a lane (vfmaq_laneq_f32), which saves a load per FMA group;
+// 4 rows x 4 vectors = 16 accumulators + 4 tile vectors + 4 activation vectors fit NEON's 32 registers.
+template <int ROWS>
+inline void micro_kernel(const float* a, int64_t lda, const float* tile, int64_t K4, float32x4_t acc[][4]) {
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < 4; ++v) acc[r][v] = vdupq_n_f32(0.f);
+  for (int64_t k = 0; k < K4; k += 4) {
+    float32x4_t av[ROWS];
+    for (int r = 0; r < ROWS; ++r) av[r] = vld1q_f32(a + r * lda + k);
+    const float* t = tile + k * kTileN;
+#define RBE_NEON_STEP(LANE)                                                          \
+    {                                                                                \
+      const float* tl = t + (LANE) * kTileN;                                         \
+      const float32x4_t b0 = vld1q_f32(tl), b1 = vld1q_f32(tl + 4);                  \
+      const float32x4_t b2 = vld1q_f32(tl + 8), b3 = vld1q_f32(tl + 12);             \
+      for (int r = 0; r < ROWS; ++r) {                                               \
+        acc[r][0] = vfmaq_laneq_f32(acc[r][0], b0, av[r], LANE);                     \
+        acc[r][1] = vfmaq_laneq_f32(acc[r][1], b1, av[r], LANE);                     \
+        acc[r][2] = vfmaq_laneq_f32(acc[r][2], b2, av[r], LANE);                     \
+        acc[r][3] = vfmaq_laneq_f32(acc[r][3], b3, av[r], LANE);                     \
+      }                                                                              \
+    }
+    // The lane of vfmaq_laneq_f32 must be a compile-time constant, hence the macro rather than a loop.
+    RBE_NEON_STEP(0)
+    RBE_NEON_STEP(1)
+    RBE_NEON_STEP(2)
+    RBE_NEON_STEP(3)
+#undef RBE_NEON_STEP
+  }
+}
+
+template <int BITS>
+void gemm_tiles(const GemmProblem& p, int64_t n0, int64_t n1) {
+  const PreparedWeight& w = *p.w;
+  const int64_t Kp = w.shape.padded_K(), K = w.shape.K, N = w.shape.N;
+  // K rounded up to 4 for the micro-kernel's 4-wide steps. Kp is a multiple of 32, so K4 <= Kp: the extra
+  // k meet zero padding in a_pad and finite decoded tail codes in the tile, adding exact zeros.
+  const int64_t K4 = (K + 3) & ~int64_t{3};
+  thread_local std::vector<float> storage;
+  storage.resize(static_cast<size_t>(Kp * kTileN));
+  float* tile = storage.data();
+  float out[kTileN];
+  for (int64_t t0 = n0; t0 < n1; t0 += kTileN) {
+    decode_tile<BITS>(w, t0, tile);
+    const int64_t cols = std::min<int64_t>(kTileN, N - t0);
+    auto store = [&](int64_t m, const float32x4_t* acc) {
+      for (int v = 0; v < 4; ++v) vst1q_f32(out + 4 * v, acc[v]);
+      float* y = p.Y + m * N + t0;
+      for (int64_t j = 0; j < cols; ++j) y[j] = out[j] + (p.bias ? p.bias[t0 + j] : 0.f);
+    };
+    int64_t m = 0;
+    float32x4_t acc[4][4];
+    for (; m + 4 <= p.M; m += 4) {
+      micro_kernel<4>(p.a_pad + m * Kp, Kp, tile, K4, acc);
+      for (int r = 0; r < 4; ++r) store(m + r, acc[r]);
+    }
+    for (; m < p.M; ++m) {
+      micro_kernel<1>(p.a_pad + m * Kp, Kp, tile, K4, acc);
+      store(m, acc[0]);
+    }
+  }
+}
+
+template <int BITS>
+void run(const GemmProblem& p, int64_t n0, int64_t n1) {
+  if (p.M == 1) gemv<BITS>(p, n0, n1);
+  else gemm_tiles<BITS>(p, n0, n1);
+}
+
+}  // namespace
+
+void gemm_columns_neon(const GemmProblem& p, int64_t n0, int64_t n1) {
+  switch (p.w->shape.bits) {
+    case 2: return run<2>(p, n0, n1);
+    case 3: return run<3>(p, n0, n1);
+    case 4: return run<4>(p, n0, n1);
+    default: return run<8>(p, n0, n1);
+  }
+}
+
+}  // namespace rbe

@@ -1,0 +1,281 @@
+// Standalone kernel test (no ONNX Runtime, no Python), built with -DRBE_BUILD_TESTS=ON. It runs where the
+// Python tests cannot, e.g. cross-compiled for aarch64 under qemu (tests/test_neon_qemu.py), so it carries
+// its own yardstick: the test packs random codes itself (FORMAT.md §4) and decodes them from the fields it
+// chose (§3, §5), independently of format.cc, then checks
+//   1. the scalar kernel against that direct double-precision product,
+//   2. every other available ISA (AVX2 on x86, NEON on aarch64) against the scalar kernel,
+// both to max|diff| <= 1e-5 · max|ref|, and that malformed inputs throw rbe::FormatError.
+// Prints `kernel_test: N passed, M failed` and exits non-zero on any failure.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "rbe/format.h"
+#include "rbe/kernels.h"
+
+namespace {
+
+int g_passed = 0, g_failed = 0;
+
+void report(bool ok, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    std::printf("FAIL %s\n", what.c_str());
+  }
+}
+
+// Seed per FORMAT.md §3: rho 0-15, theta 16-19, offset 20-27 (int8), width 28-31, tag 56-63.
+uint64_t make_seed(uint32_t rho, uint32_t theta, int32_t offset, uint32_t width) {
+  return uint64_t{rho & 0xFFFFu} | uint64_t{theta & 0xFu} << 16 | uint64_t{static_cast<uint8_t>(offset)} << 20 |
+         uint64_t{width & 0xFu} << 28 | uint64_t{rbe::kSeedTag} << 56;
+}
+
+// Packs one block of codes (block_size values < 2^bits) per FORMAT.md §4, written from the table there
+// rather than shared with format.cc so that a layout bug cannot hide in both.
+void pack_block(const uint8_t* codes, int bits, int block_size, uint8_t* out) {
+  for (int g = 0; g < block_size / 32; ++g) {
+    const uint8_t* c = codes + 32 * g;
+    uint8_t* p = out + g * 4 * bits;
+    switch (bits) {
+      case 8:
+        for (int t = 0; t < 32; ++t) p[t] = c[t];
+        break;
+      case 4:
+        for (int j = 0; j < 16; ++j) p[j] = static_cast<uint8_t>(c[j] | c[j + 16] << 4);
+        break;
+      default: {  // 2 and 3: low two bits as for 2-bit codes, then bit 2 of each code in a LE uint32
+        for (int j = 0; j < 8; ++j)
+          p[j] = static_cast<uint8_t>((c[j] & 3) | (c[j + 8] & 3) << 2 | (c[j + 16] & 3) << 4 | (c[j + 24] & 3) << 6);
+        if (bits == 3) {
+          uint32_t high = 0;
+          for (int t = 0; t < 32; ++t) high |= uint32_t{(c[t] >> 2) & 1u} << t;
+          for (int i = 0; i < 4; ++i) p[8 + i] = static_cast<uint8_t>(high >> (8 * i));
+        }
+      }
+    }
+  }
+}
+
+struct Case {
+  int bits, block_size;
+  int64_t K, N;
+};
+
+// Random valid weight: seeds, packed codes, and the K x N matrix those encode (computed here, §5).
+struct RandomWeight {
+  rbe::WeightShape shape;
+  std::vector<int64_t> seeds;
+  std::vector<uint8_t> codes;
+  std::vector<double> W;  // K x N row-major
+};
+
+RandomWeight random_weight(const Case& c, std::mt19937_64& rng) {
+  RandomWeight r;
+  r.shape.K = c.K;
+  r.shape.N = c.N;
+  r.shape.block_size = c.block_size;
+  r.shape.bits = c.bits;
+  r.shape.scale0 = 1e-3f;
+  const int64_t nb = r.shape.blocks_per_column(), bs = c.block_size;
+  r.seeds.resize(static_cast<size_t>(c.N * nb));
+  r.codes.resize(static_cast<size_t>(r.shape.code_bytes()));
+  r.W.assign(static_cast<size_t>(c.K * c.N), 0.0);
+  // rho up to 4095: block scales over a factor e^8 ≈ 3000, as uneven as real weights get.
+  std::uniform_int_distribution<uint32_t> rho_d(0, 4095), theta_d(0, 15), code_d(0, (1u << c.bits) - 1);
+  std::uniform_int_distribution<int32_t> offset_d(-128, 127);
+  std::vector<uint8_t> block_codes(static_cast<size_t>(bs));
+  for (int64_t n = 0; n < c.N; ++n)
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint32_t rho = rho_d(rng), theta = c.bits == 8 ? rbe::kUniformTheta : theta_d(rng);
+      const int32_t offset = offset_d(rng);
+      const int64_t blk = n * nb + b;
+      r.seeds[blk] = static_cast<int64_t>(make_seed(rho, theta, offset, static_cast<uint32_t>(c.bits)));
+      // Tail codes (k >= K) are random too, not the 0 an encoder writes: decoders must ignore them (§4).
+      for (auto& code : block_codes) code = static_cast<uint8_t>(code_d(rng));
+      pack_block(block_codes.data(), c.bits, c.block_size, r.codes.data() + blk * r.shape.block_bytes());
+      const float d = static_cast<float>(static_cast<double>(r.shape.scale0) * std::exp(rho / 512.0));
+      const std::vector<int> L = rbe::level_table(c.bits, static_cast<int>(theta));
+      for (int64_t i = 0; i < bs && b * bs + i < c.K; ++i)
+        r.W[(b * bs + i) * c.N + n] = static_cast<double>(d * static_cast<float>(L[block_codes[i]] + offset));
+    }
+  return r;
+}
+
+// max|got - ref| <= 1e-5 · max|ref| (a norm-wise bound: the float kernels accumulate in float, the
+// reference in double, so elementwise relative error is meaningless for outputs near zero).
+bool close(const std::vector<float>& got, const std::vector<double>& ref, double* rel_out) {
+  double max_ref = 0.0, max_diff = 0.0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    max_ref = std::max(max_ref, std::fabs(ref[i]));
+    const double diff = std::fabs(static_cast<double>(got[i]) - ref[i]);
+    max_diff = std::isnan(diff) ? INFINITY : std::max(max_diff, diff);
+  }
+  *rel_out = max_ref > 0 ? max_diff / max_ref : max_diff;
+  return max_diff <= 1e-5 * max_ref;
+}
+
+std::string describe(const Case& c, int64_t M, const std::string& what) {
+  return "bits=" + std::to_string(c.bits) + " block_size=" + std::to_string(c.block_size) +
+         " K=" + std::to_string(c.K) + " N=" + std::to_string(c.N) + " M=" + std::to_string(M) + ": " + what;
+}
+
+void test_gemm(const Case& c, const std::vector<rbe::Isa>& simd, double* worst) {
+  std::mt19937_64 rng(static_cast<uint64_t>(c.bits * 1000003 + c.block_size * 1009 + c.K * 31 + c.N));
+  const RandomWeight rw = random_weight(c, rng);
+  rbe::PreparedWeight w;
+  try {
+    w = rbe::prepare_weight(rw.shape, rw.seeds.data(), static_cast<int64_t>(rw.seeds.size()), rw.codes.data(),
+                            static_cast<int64_t>(rw.codes.size()));
+  } catch (const std::exception& e) {
+    report(false, describe(c, 0, std::string("prepare_weight threw: ") + e.what()));
+    return;
+  }
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::vector<float> bias(static_cast<size_t>(c.N));
+  for (auto& v : bias) v = normal(rng);
+  for (int64_t M : {1, 7, 64}) {
+    std::vector<float> A(static_cast<size_t>(M * c.K));
+    for (auto& v : A) v = normal(rng);
+    std::vector<double> direct(static_cast<size_t>(M * c.N));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < c.N; ++n) {
+        double acc = bias[n];
+        for (int64_t k = 0; k < c.K; ++k) acc += static_cast<double>(A[m * c.K + k]) * rw.W[k * c.N + n];
+        direct[m * c.N + n] = acc;
+      }
+    std::vector<float> ref(static_cast<size_t>(M * c.N), NAN);
+    double rel = 0.0;
+    rbe::gemm(w, A.data(), M, bias.data(), ref.data(), rbe::Isa::Scalar);
+    report(close(ref, direct, &rel), describe(c, M, "scalar vs direct decode, rel " + std::to_string(rel)));
+    const std::vector<double> ref_d(ref.begin(), ref.end());
+    for (rbe::Isa isa : simd) {
+      std::vector<float> Y(static_cast<size_t>(M * c.N), NAN);  // NaN: a column left unwritten fails
+      try {
+        rbe::gemm(w, A.data(), M, bias.data(), Y.data(), isa);
+      } catch (const std::exception& e) {
+        report(false, describe(c, M, std::string(rbe::isa_name(isa)) + " threw: " + e.what()));
+        continue;
+      }
+      const bool ok = close(Y, ref_d, &rel);
+      *worst = std::max(*worst, rel);
+      report(ok, describe(c, M, std::string(rbe::isa_name(isa)) + " vs scalar, rel " + std::to_string(rel)));
+    }
+  }
+}
+
+void expect_format_error(const std::string& what, const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const rbe::FormatError&) {
+    report(true, what);
+    return;
+  } catch (const std::exception& e) {
+    report(false, what + ": threw a non-FormatError: " + e.what());
+    return;
+  }
+  report(false, what + ": did not throw");
+}
+
+void test_malformed() {
+  const Case c{4, 32, 40, 3};
+  std::mt19937_64 rng(1);
+  const RandomWeight good = random_weight(c, rng);
+  // prepare_weight on `good` with one seed, the shape or the code length changed.
+  auto prepare = [&](rbe::WeightShape shape, std::vector<int64_t> seeds, int64_t code_bytes) {
+    rbe::prepare_weight(shape, seeds.data(), static_cast<int64_t>(seeds.size()), good.codes.data(), code_bytes);
+  };
+  auto with_seed = [&](uint64_t seed) {
+    std::vector<int64_t> s = good.seeds;
+    s[1] = static_cast<int64_t>(seed);
+    return s;
+  };
+  const int64_t nbytes = static_cast<int64_t>(good.codes.size());
+  const uint64_t ok_seed = make_seed(100, 3, -5, 4);
+  prepare(good.shape, with_seed(ok_seed), nbytes);  // the control: must not throw
+  report(true, "malformed: control weight accepted");
+
+  expect_format_error("bad tag", [&] { prepare(good.shape, with_seed((ok_seed & ~(0xFFull << 56)) | 0xB2ull << 56), nbytes); });
+  expect_format_error("width != bits", [&] { prepare(good.shape, with_seed(make_seed(100, 3, -5, 3)), nbytes); });
+  expect_format_error("outliers nonzero", [&] { prepare(good.shape, with_seed(ok_seed | 1ull << 32), nbytes); });
+  expect_format_error("reserved bits set", [&] { prepare(good.shape, with_seed(ok_seed | 1ull << 47), nbytes); });
+  expect_format_error("seed count short", [&] {
+    std::vector<int64_t> s = good.seeds;
+    s.pop_back();
+    prepare(good.shape, s, nbytes);
+  });
+  expect_format_error("codes one byte short", [&] { prepare(good.shape, good.seeds, nbytes - 1); });
+  expect_format_error("codes one byte long", [&] { prepare(good.shape, good.seeds, nbytes + 1); });
+  auto shape_with = [&](const std::function<void(rbe::WeightShape&)>& edit) {
+    rbe::WeightShape s = good.shape;
+    edit(s);
+    return s;
+  };
+  expect_format_error("bits=5", [&] { prepare(shape_with([](rbe::WeightShape& s) { s.bits = 5; }), good.seeds, nbytes); });
+  expect_format_error("block_size=48", [&] {
+    prepare(shape_with([](rbe::WeightShape& s) { s.block_size = 48; }), good.seeds, nbytes);
+  });
+  expect_format_error("K=0", [&] { prepare(shape_with([](rbe::WeightShape& s) { s.K = 0; }), good.seeds, nbytes); });
+  expect_format_error("N=2^24+1", [&] {
+    prepare(shape_with([](rbe::WeightShape& s) { s.N = rbe::kMaxDim + 1; }), good.seeds, nbytes);
+  });
+  expect_format_error("scale0=0", [&] { prepare(shape_with([](rbe::WeightShape& s) { s.scale0 = 0.f; }), good.seeds, nbytes); });
+  expect_format_error("scale0=NaN", [&] { prepare(shape_with([](rbe::WeightShape& s) { s.scale0 = NAN; }), good.seeds, nbytes); });
+  expect_format_error("scale overflows float32", [&] {
+    prepare(shape_with([](rbe::WeightShape& s) { s.scale0 = 1e30f; }), with_seed(make_seed(0xFFFF, 3, 0, 4)), nbytes);
+  });
+
+  // 8-bit codes have one level table: theta must be 4.
+  const Case c8{8, 32, 32, 2};
+  const RandomWeight w8 = random_weight(c8, rng);
+  std::vector<int64_t> s8 = w8.seeds;
+  s8[0] = static_cast<int64_t>(make_seed(10, 5, 0, 8));
+  expect_format_error("theta != 4 with 8-bit codes", [&] {
+    rbe::prepare_weight(w8.shape, s8.data(), static_cast<int64_t>(s8.size()), w8.codes.data(),
+                        static_cast<int64_t>(w8.codes.size()));
+  });
+
+  expect_format_error("unknown ISA name", [] { rbe::isa_from_name("sse9"); });
+  for (rbe::Isa isa : {rbe::Isa::Avx2, rbe::Isa::Neon})
+    if (!rbe::isa_available(isa)) {
+      expect_format_error(std::string("gemm on unavailable ISA ") + rbe::isa_name(isa), [&] {
+        const rbe::PreparedWeight w = rbe::prepare_weight(good.shape, good.seeds.data(),
+                                                          static_cast<int64_t>(good.seeds.size()), good.codes.data(), nbytes);
+        std::vector<float> A(static_cast<size_t>(good.shape.K), 1.f), Y(static_cast<size_t>(good.shape.N));
+        rbe::gemm(w, A.data(), 1, nullptr, Y.data(), isa);
+      });
+    }
+}
+
+}  // namespace
+
+int main() {
+  std::vector<rbe::Isa> simd;
+  std::string isas = "scalar";
+  for (rbe::Isa isa : {rbe::Isa::Avx2, rbe::Isa::Neon})
+    if (rbe::isa_available(isa)) {
+      simd.push_back(isa);
+      isas += std::string(" ") + rbe::isa_name(isa);
+    }
+  std::printf("kernel_test: ISAs: %s\n", isas.c_str());
+  if (simd.empty()) std::printf("kernel_test: note: no SIMD kernel on this machine, scalar only\n");
+
+  // K: a whole number of blocks for some sizes, a tail block for others (77, 100, 1000), a single
+  // value (1). N: partial 16-column tiles and partial 4-column decode groups (19, 33), whole tiles (48).
+  const int64_t shapes[][2] = {{1, 5}, {77, 19}, {100, 33}, {256, 48}, {1000, 40}};
+  double worst = 0.0;
+  for (int bits : {2, 3, 4, 8})
+    for (int block_size : {32, 64, 128, 256})
+      for (const auto& kn : shapes) test_gemm(Case{bits, block_size, kn[0], kn[1]}, simd, &worst);
+  if (!simd.empty()) std::printf("kernel_test: worst SIMD rel error vs scalar: %.3g\n", worst);
+  test_malformed();
+
+  std::printf("kernel_test: %d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}

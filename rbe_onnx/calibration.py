@@ -1,0 +1,101 @@
+"""Calibration statistics for error-feedback encoding: H = Σ xᵀx of each rewritten node's input.
+
+Only WikiText-2 **valid** is ever read here; asking for another split is an error (the test split is for
+evaluation alone).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+CALIBRATION_SPLIT = "valid"
+
+
+def _check_split(split: str) -> None:
+    if split != CALIBRATION_SPLIT:
+        raise ValueError(f"calibration reads WikiText-2 {CALIBRATION_SPLIT!r} only, not {split!r}: "
+                         "the test split is reserved for evaluation")
+
+
+def _export_info(model_dir: Path) -> dict:
+    path = model_dir / "rbe_export.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: --calibrate needs a model exported by `rbe-onnx export`")
+    return json.loads(path.read_text())
+
+
+def _tokenizer(model_dir: Path):
+    from tokenizers import Tokenizer
+
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: calibration needs the model's tokenizer")
+    return Tokenizer.from_file(str(path))
+
+
+def calibration_batches(model_dir: Path, tokens: int, batch: int = 4,
+                        split: str = CALIBRATION_SPLIT) -> list[tuple[dict, np.ndarray]]:
+    """(feeds, real-token mask [b, seq]) batches of WikiText-2 valid, shaped as the model is used.
+
+    GPT-2: windows of running text (no padding). BERT: single paragraphs with [CLS]/[SEP] as a sentence
+    encoder sees them, padded per batch; the mask marks the padding so it stays out of the statistics.
+    """
+    _check_split(split)
+    from .datasets import wikitext2_rows, wikitext2_text
+
+    info = _export_info(model_dir)
+    tok = _tokenizer(model_dir)
+    if info["model_type"] == "gpt2":
+        from .runtime.feeds import Gpt2Shape, prefill_feeds
+
+        shape = Gpt2Shape.from_dir(model_dir)
+        seq = min(256, shape.n_positions)
+        ids = tok.encode(wikitext2_text(split)).ids
+        n = max(1, min(len(ids) // seq, -(-tokens // seq)))
+        windows = np.array(ids[: n * seq], dtype=np.int64).reshape(n, seq)
+        return [(prefill_feeds(shape, w), np.ones(w.shape, bool)) for w in np.split(windows,
+                                                                                  range(batch, n, batch))]
+    tok.enable_truncation(min(128, info.get("max_position_embeddings", 128)))
+    tok.enable_padding(pad_id=info.get("pad_token_id") or 0)
+    rows = [r.strip() for r in wikitext2_rows(split) if len(r.strip()) > 40 and not r.strip().startswith("=")]
+    batches, seen, i = [], 0, 0
+    while seen < tokens and i < len(rows):
+        enc = tok.encode_batch(rows[i:i + batch])
+        i += batch
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        batches.append(({"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)},
+                        mask.astype(bool)))
+        seen += int(mask.sum())
+    return batches
+
+
+def activation_hessians(model: onnx.ModelProto, model_dir: Path, activations: list[str], tokens: int = 8192,
+                        batch: int = 4, threads: int | None = None, progress: bool = True) -> dict[str, np.ndarray]:
+    """Σ xᵀx (float64, K x K) for each named activation tensor, over `tokens` calibration tokens."""
+    import onnxruntime as ort
+    from tqdm import tqdm
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for name in activations:
+        if name not in known:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    hessians: dict[str, np.ndarray] = {}
+    for feeds, real in tqdm(calibration_batches(model_dir, tokens, batch), desc="calibrating", unit="batch",
+                            disable=not progress):
+        outs = session.run(activations, feeds)
+        keep = real.reshape(-1)
+        for name, x in zip(activations, outs):
+            x = x.reshape(-1, x.shape[-1])
+            x = (x[keep] if x.shape[0] == keep.size else x).astype(np.float64)
+            hessians[name] = hessians.get(name, 0.0) + x.T @ x
+    return hessians

@@ -1,0 +1,72 @@
+"""Error-feedback (GPTQ/OBQ-style) encoding: rounding guided by the layer's input statistics.
+
+Rounding each weight to its nearest level ignores that the error of one input row k can be cancelled by
+nudging the rows not yet rounded, in proportion to how the inputs correlate (H = Σ xᵀx over calibration
+activations). Rows are processed in the format's blocks: a block's seed (scale, θ, offset per column) is
+fitted to the error-updated weights when the block starts, then its rows are rounded one by one and each
+row's error is pushed onto the remaining rows through the inverse Hessian's Cholesky factor.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .codebook import levels
+from .encode import default_scale0, encode
+from .packing import pack_codes
+from .seed import pack_seeds, scales_from_rho, unpack_seeds
+from .weight import RBEWeight
+
+
+def _inverse_cholesky(H: np.ndarray, damp: float) -> np.ndarray:
+    """Upper Cholesky factor of H⁻¹ (after dampening), as GPTQ uses it."""
+    H = H.astype(np.float64, copy=True)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0  # inputs that never fire: their rows cannot matter, keep H invertible
+    H[np.diag_indices_from(H)] += damp * np.mean(np.diag(H))
+    L = np.linalg.cholesky(H)
+    Hinv = np.linalg.inv(L).T @ np.linalg.inv(L)
+    return np.linalg.cholesky(Hinv).T
+
+
+def encode_gptq(W: np.ndarray, H: np.ndarray, bits: int = 4, block_size: int = 64,
+                damp: float = 0.01) -> RBEWeight:
+    """Encodes a K x N weight like `encode`, with rounding that minimises ‖X·(W − Ŵ)‖² for inputs X with
+    XᵀX = H (K x K)."""
+    W = np.array(W, dtype=np.float64)
+    K, N = W.shape
+    if H.shape != (K, K):
+        raise ValueError(f"Hessian must be {K} x {K}, got {list(H.shape)}")
+    U = _inverse_cholesky(H, damp)
+    nb = -(-K // block_size)
+    tables = np.stack([levels(bits, t) for t in range(16)]).astype(np.float64) if bits != 8 else None
+    seeds = np.zeros((N, nb), dtype=np.int64)
+    codes = np.zeros((N, nb * block_size), dtype=np.uint8)
+    # One s0 for the node, with headroom: error feedback can shrink a later block's range below what the
+    # original weights had.
+    scale0 = 0.25 * default_scale0(W.astype(np.float32), bits, block_size)
+    for b in range(nb):
+        k0, k1 = b * block_size, min(K, (b + 1) * block_size)
+        # Seeds for this block from the weights as the earlier blocks' error feedback left them.
+        block = encode(W[k0:k1].astype(np.float32), bits=bits, block_size=block_size, scale0=scale0)
+        f = unpack_seeds(block.seeds[:, 0])
+        rho = f["rho"]
+        d = scales_from_rho(rho, scale0).astype(np.float64)
+        o = f["offset"].astype(np.float64)
+        table = None if bits == 8 else tables[f["theta"]]
+        seeds[:, b] = pack_seeds(rho, f["theta"], f["offset"], bits)
+        err_block = np.zeros((k1 - k0, N))
+        for i, k in enumerate(range(k0, k1)):
+            t = W[k] / d - o                                      # target in level units, per column
+            if bits == 8:                                          # identity table: round directly
+                c = np.clip(np.rint(t) + 128, 0, 255).astype(np.int64)
+                q = d * (c - 128 + o)
+            else:                                                  # nearest level of each column's table
+                c = np.abs(table - t[:, None]).argmin(axis=1)
+                q = d * (table[np.arange(N), c] + o)
+            codes[:, k] = c
+            err = (W[k] - q) / U[k, k]
+            W[k + 1:k1] -= np.outer(U[k, k + 1:k1], err)
+            err_block[i] = err
+        W[k1:] -= U[k0:k1, k1:].T @ err_block
+    packed = pack_codes(codes.reshape(N * nb, block_size), bits).reshape(-1)
+    return RBEWeight(K=K, N=N, bits=bits, block_size=block_size, scale0=float(scale0), seeds=seeds, codes=packed)

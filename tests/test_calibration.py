@@ -1,0 +1,56 @@
+"""Calibrated (error-feedback) encoding: better fidelity than round-to-nearest, and never fed the test split."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rbe_onnx import rewrite
+from rbe_onnx import datasets
+from rbe_onnx.calibration import calibration_batches
+from rbe_onnx.codec import decode, encode
+from rbe_onnx.codec.gptq import encode_gptq
+from rbe_onnx.evaluate import compare, wikitext_test_windows
+from rbe_onnx.runtime import Gpt2Shape, make_session
+
+
+def test_gptq_lowers_output_error_on_correlated_inputs():
+    rng = np.random.default_rng(0)
+    K, N = 192, 96
+    W = (rng.standard_normal((K, N)) * 0.05).astype(np.float32)
+    mix = np.eye(K) + 0.5 * rng.standard_normal((K, K)) / np.sqrt(K)
+    X = rng.standard_normal((4096, K)) @ mix
+    X[:, 7] *= 15.0  # an outlier channel, as LayerNorm outputs have
+    H = X.T @ X
+    out_err = lambda D: np.linalg.norm(X @ (D - W)) / np.linalg.norm(X @ W)  # noqa: E731
+    for bits in (3, 4, 8):
+        rtn, gptq = out_err(decode(encode(W, bits=bits))), out_err(decode(encode_gptq(W, H, bits=bits)))
+        assert gptq < 0.9 * rtn, (bits, rtn, gptq)
+
+
+def test_calibration_refuses_the_test_split(tiny_gpt2_onnx_dir):
+    with pytest.raises(ValueError, match="valid' only"):
+        calibration_batches(tiny_gpt2_onnx_dir, 256, split="test")
+
+
+def test_calibrated_rewrite_reads_only_the_valid_split(tiny_gpt2_onnx_dir, tmp_path, monkeypatch):
+    seen = []
+    for name in ("wikitext2_rows", "wikitext2_text"):
+        original = getattr(datasets, name)
+        monkeypatch.setattr(datasets, name, lambda split, _f=original: (seen.append(split), _f(split))[1])
+    rewrite(tiny_gpt2_onnx_dir / "model.onnx", tmp_path / "model.onnx", bits=4, calibrate=True,
+            calibration_tokens=512, progress=False)
+    assert seen and set(seen) == {"valid"}
+
+
+def test_calibrated_4bit_ref_gpt2_is_closer_to_fp32(ref_gpt2_onnx_dir, tmp_path):
+    shape = Gpt2Shape.from_dir(ref_gpt2_onnx_dir)
+    windows = wikitext_test_windows(str(ref_gpt2_onnx_dir / "tokenizer.json"), 256, 8)
+    reference = make_session(ref_gpt2_onnx_dir, threads=2)
+    scores = {}
+    for calibrate in (False, True):
+        out = tmp_path / str(calibrate) / "model.onnx"
+        rewrite(ref_gpt2_onnx_dir / "model.onnx", out, bits=4, calibrate=calibrate, progress=False)
+        scores[calibrate] = compare(make_session(out, threads=2), shape, windows, reference)
+    print(f"ref-gpt2 4-bit/64, 8 test windows: RTN {scores[False]}, calibrated {scores[True]}")
+    assert scores[True]["kl"] < scores[False]["kl"] / 3
+    assert scores[True]["top1"] > scores[False]["top1"]

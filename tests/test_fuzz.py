@@ -1,0 +1,90 @@
+"""libFuzzer run of the kernel-creation path (custom_ops/fuzz/fuzz_prepare.cc): rbe::prepare_weight on
+carved-up attributes, seeds and codes, and scalar vs best-ISA gemm on what it accepts, under ASan + UBSan.
+
+Needs clang++ with libFuzzer (`bash tools/install_fuzz_deps.sh`, run by `make setup`). The fuzzer is built from
+the checkout's custom_ops/ in a temporary folder and run for RBE_FUZZ_SECONDS (default 60) on the committed
+seed corpus custom_ops/fuzz/corpus/ (read only: new inputs go to a temporary folder).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CUSTOM_OPS = REPO / "custom_ops"
+CORPUS = CUSTOM_OPS / "fuzz" / "corpus"
+FUZZ_SECONDS = int(os.environ.get("RBE_FUZZ_SECONDS", "60"))
+CLANGS = ("clang++", "clang++-19", "clang++-16", "clang++-15", "clang++-14")
+
+
+def find_clang() -> str | None:
+    return next((path for name in CLANGS if (path := shutil.which(name))), None)
+
+
+@pytest.fixture(scope="module")
+def fuzzer(tmp_path_factory) -> Path:
+    clang = find_clang()
+    if clang is None:
+        pytest.fail("clang++ not found: the fuzz test needs clang with libFuzzer; install it with "
+                    "`bash tools/install_fuzz_deps.sh` (part of `make setup`)", pytrace=False)
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.fail("cmake not found (pip install -r requirements-dev.txt)", pytrace=False)
+    build = tmp_path_factory.mktemp("fuzz-build")
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    configure = [cmake, "-S", str(CUSTOM_OPS), "-B", str(build), *generator, f"-DCMAKE_CXX_COMPILER={clang}",
+                 "-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DRBE_BUILD_FUZZ=ON", "-DRBE_BUILD_ORT_OP=OFF",
+                 "-DRBE_BUILD_PYTHON=OFF"]
+    for cmd in (configure, [cmake, "--build", str(build), "--target", "rbe_fuzz_prepare", "-j", "2"]):
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            hint = ("\n(libFuzzer missing? run `bash tools/install_fuzz_deps.sh`)"
+                    if "fuzzer" in out.stdout + out.stderr else "")
+            pytest.fail(f"{' '.join(cmd[:4])} ... failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}{hint}",
+                        pytrace=False)
+    return build / "rbe_fuzz_prepare"
+
+
+def test_seed_corpus_verdicts(fuzzer):
+    """Every committed input runs once: valid-* are accepted (and their gemm checks pass), invalid-* rejected."""
+    files = sorted(CORPUS.iterdir())
+    assert len(files) >= 20, f"seed corpus {CORPUS} looks empty: python custom_ops/fuzz/make_corpus.py"
+    out = subprocess.run([str(fuzzer), *map(str, files)], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, RBE_FUZZ_VERBOSE="1"))
+    assert out.returncode == 0, out.stderr[-6000:]
+    verdicts = {}
+    current = None
+    for line in out.stderr.splitlines():
+        if m := re.match(r"Running: (.*)$", line):
+            current = Path(m.group(1)).name
+        elif (m := re.match(r"RBE_FUZZ (accepted|rejected)", line)) and current:
+            verdicts[current] = m.group(1)
+    assert set(verdicts) == {f.name for f in files}, out.stderr[-3000:]
+    wrong = {name: v for name, v in verdicts.items()
+             if (name.startswith("valid-") and v != "accepted") or (name.startswith("invalid-") and v != "rejected")}
+    assert not wrong, wrong
+
+
+def test_fuzzing_finds_no_crash(fuzzer, tmp_path):
+    work = tmp_path / "new-inputs"
+    work.mkdir()
+    cmd = [str(fuzzer), str(work), str(CORPUS), f"-max_total_time={FUZZ_SECONDS}", "-max_len=4096", "-timeout=30",
+           "-rss_limit_mb=4096", "-print_final_stats=1", f"-artifact_prefix={tmp_path}/"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=FUZZ_SECONDS + 120)
+    log = out.stderr
+    stats = dict(re.findall(r"stat::(\w+):\s+(\d+)", log))
+    cov = re.findall(r"cov: (\d+)", log)
+    print(f"\nfuzzed {FUZZ_SECONDS} s: {stats.get('number_of_executed_units')} inputs, "
+          f"{stats.get('average_exec_per_sec')}/s, coverage {cov[-1] if cov else '?'} edges, "
+          f"{stats.get('new_units_added')} new inputs, peak RSS {stats.get('peak_rss_mb')} MB")
+    crashes = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "leak-", "timeout-", "oom-")))
+    report = re.search(r"(==\d+==ERROR.*|fuzz_prepare: .*|SUMMARY: .*)", log)
+    assert out.returncode == 0 and not crashes, (
+        f"fuzzer failed (exit {out.returncode}), artifacts {crashes}: {report.group(0) if report else ''}\n"
+        f"{log[-6000:]}")
+    assert int(stats.get("number_of_executed_units", 0)) > 1000, log[-3000:]
