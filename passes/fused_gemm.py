@@ -1,4 +1,5 @@
-"""The rule that turns `MatMul(A, W)` and `Gemm(A, B, C)` with a constant 2-D weight into `RBEFusedGemm`.
+"""The rules that turn `MatMul(A, W)` / `Gemm(A, B, C)` with a constant 2-D weight into `RBEFusedGemm`, and
+`Gather(E, ids)` over a constant 2-D table into `RBEGather`.
 
 Matching and replacing are separate steps: `find_candidates` says which nodes qualify (and why the others do
 not), the caller encodes the weights, and `replace_candidates` swaps the nodes. Anything not matched is left
@@ -15,6 +16,7 @@ from onnx import helper, numpy_helper
 
 RBE_DOMAIN = "ai.rbe"
 OP_TYPE = "RBEFusedGemm"
+GATHER_OP_TYPE = "RBEGather"
 
 
 @dataclass
@@ -24,7 +26,7 @@ class Candidate:
     node: onnx.NodeProto
     index: int                   # position in graph.node
     weight_name: str = ""
-    transpose: bool = False      # Gemm transB=1: the stored initializer is W^T
+    transpose: bool = False      # the stored initializer is W^T (Gemm transB=1; every Gather table)
     bias: str = ""               # Gemm's C input, passed through as the op's bias
     skip_reason: str = ""        # empty when the node will be replaced
     shape: tuple[int, int] = (0, 0)
@@ -64,6 +66,12 @@ def _match(node: onnx.NodeProto, index: int, init: dict, ranks: dict[str, int], 
         if ranks.get(node.input[0], 2) < 2:
             c.skip_reason = "activation is 1-D (MatMul vector semantics)"
             return c
+    elif node.op_type == "Gather":
+        # Entry t of the table must be column t of W, so W = tableᵀ (K = entry width, N = entries).
+        c.weight_name, c.transpose = node.input[0], True
+        if _attrs(node).get("axis", 0) != 0:
+            c.skip_reason = "Gather axis is not 0"
+            return c
     else:  # Gemm
         a = _attrs(node)
         c.weight_name, c.transpose = node.input[1], bool(a.get("transB", 0))
@@ -77,8 +85,9 @@ def _match(node: onnx.NodeProto, index: int, init: dict, ranks: dict[str, int], 
     return c
 
 
-def find_candidates(model: onnx.ModelProto, exclude: str | None = None) -> list[Candidate]:
-    """Every MatMul/Gemm of the main graph with the rule's verdict on it."""
+def find_candidates(model: onnx.ModelProto, exclude: str | None = None,
+                    embeddings: bool = True) -> list[Candidate]:
+    """Every MatMul/Gemm (and, with `embeddings`, Gather) of the main graph with the rule's verdict on it."""
     graph = model.graph
     init = {t.name: t for t in graph.initializer}
     ranks = {}
@@ -93,9 +102,12 @@ def find_candidates(model: onnx.ModelProto, exclude: str | None = None) -> list[
 
     pattern = re.compile(exclude) if exclude else None
     found = []
+    op_types = ("MatMul", "Gemm", "Gather") if embeddings else ("MatMul", "Gemm")
     for index, node in enumerate(graph.node):
-        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in op_types or node.domain not in ("", "ai.onnx"):
             continue
+        if node.op_type == "Gather" and node.input[0] not in init:
+            continue  # a Gather over activations (shapes, KV indexing): not a weight at all
         c = _match(node, index, init, ranks, bias_ok)
         if c.eligible and pattern and (pattern.search(node.name) or pattern.search(c.weight_name)):
             c.skip_reason = f"excluded by --exclude {exclude!r}"
@@ -112,27 +124,31 @@ def weight_matrix(model: onnx.ModelProto, c: Candidate) -> np.ndarray:
 
 def replace_candidates(model: onnx.ModelProto, encoded: dict[tuple[str, bool], "object"],
                        candidates: list[Candidate]) -> None:
-    """Swaps each eligible candidate for an RBEFusedGemm reading `encoded[c.key]` (an RBEWeight).
+    """Swaps each eligible candidate for an RBEFusedGemm / RBEGather reading `encoded[c.key]` (an RBEWeight).
 
-    Nodes keep their names and output names; the codes of a shared weight are stored once; fp32 weights no
-    node reads any more are dropped.
+    Nodes keep their names and output names; candidates mapped to the same RBEWeight object (a shared or
+    tied weight) read one codes initializer; fp32 weights no node reads any more are dropped.
     """
     graph = model.graph
     nodes = list(graph.node)
-    codes_names: dict[tuple[str, bool], str] = {}
+    codes_names: dict[int, str] = {}
     for c in candidates:
         if not c.eligible:
             continue
         w = encoded[c.key]
-        if c.key not in codes_names:
+        if id(w) not in codes_names:
             name = f"{c.weight_name}{'.T' if c.transpose else ''}.rbe_codes"
             graph.initializer.append(numpy_helper.from_array(w.codes, name))
-            codes_names[c.key] = name
-        inputs = [c.node.input[0], codes_names[c.key]] + ([c.bias] if c.bias else [])
-        new = helper.make_node(
-            OP_TYPE, inputs, list(c.node.output), name=c.node.name, domain=RBE_DOMAIN,
-            K=w.K, N=w.N, block_size=w.block_size, bits=w.bits, scale0=float(w.scale0),
-            seeds=numpy_helper.from_array(w.seeds, "seeds"))
+            codes_names[id(w)] = name
+        attrs = dict(K=w.K, N=w.N, block_size=w.block_size, bits=w.bits, scale0=float(w.scale0),
+                     seeds=numpy_helper.from_array(w.seeds, "seeds"))
+        if c.node.op_type == "Gather":
+            new = helper.make_node(GATHER_OP_TYPE, [c.node.input[1], codes_names[id(w)]], list(c.node.output),
+                                   name=c.node.name, domain=RBE_DOMAIN, **attrs)
+        else:
+            inputs = [c.node.input[0], codes_names[id(w)]] + ([c.bias] if c.bias else [])
+            new = helper.make_node(OP_TYPE, inputs, list(c.node.output), name=c.node.name, domain=RBE_DOMAIN,
+                                   **attrs)
         nodes[c.index] = new
     del graph.node[:]
     graph.node.extend(nodes)

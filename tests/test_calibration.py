@@ -49,7 +49,10 @@ def test_calibrated_4bit_ref_gpt2_is_closer_to_fp32(ref_gpt2_onnx_dir, tmp_path)
     scores = {}
     for calibrate in (False, True):
         out = tmp_path / str(calibrate) / "model.onnx"
-        rewrite(ref_gpt2_onnx_dir / "model.onnx", out, bits=4, calibrate=calibrate, progress=False)
+        # Embeddings stay fp32 here: a Gather has no activation statistics, so they would only blur the
+        # comparison of the two roundings.
+        rewrite(ref_gpt2_onnx_dir / "model.onnx", out, bits=4, calibrate=calibrate, embeddings=False,
+                progress=False)
         scores[calibrate] = compare(make_session(out, threads=2), shape, windows, reference)
     print(f"ref-gpt2 4-bit/64, 8 test windows: RTN {scores[False]}, calibrated {scores[True]}")
     assert scores[True]["kl"] < scores[False]["kl"] / 3

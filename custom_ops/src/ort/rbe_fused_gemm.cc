@@ -8,121 +8,40 @@
 #include <string>
 #include <vector>
 
+#include "op_common.h"
 #include "rbe/format.h"
 #include "rbe/kernels.h"
 
 namespace rbe {
 namespace {
 
-struct OpError : std::runtime_error {
-  OrtErrorCode code;
-  OpError(OrtErrorCode c, const std::string& m) : std::runtime_error(m), code(c) {}
-};
-
-void check(const OrtApi& api, OrtStatus* status) {
-  if (status == nullptr) return;
-  const std::string msg = api.GetErrorMessage(status);
-  const OrtErrorCode code = api.GetErrorCode(status);
-  api.ReleaseStatus(status);
-  throw OpError(code, msg);
-}
-
-std::string node_name(const OrtApi& api, const OrtKernelInfo* info) {
-  size_t size = 0;
-  if (api.KernelInfo_GetNodeName(info, nullptr, &size) != nullptr || size == 0) return "?";
-  std::string name(size, '\0');
-  OrtStatus* st = api.KernelInfo_GetNodeName(info, name.data(), &size);
-  if (st) { api.ReleaseStatus(st); return "?"; }
-  name.resize(size > 0 ? size - 1 : 0);
-  return name;
-}
-
-int64_t int_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name) {
-  int64_t v = 0;
-  OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, &v);
-  if (st) {
-    api.ReleaseStatus(st);
-    throw FormatError(std::string("missing or non-integer attribute '") + name + "'");
-  }
-  return v;
-}
-
-struct TensorView {
-  ONNXTensorElementDataType type;
-  std::vector<int64_t> shape;
-  int64_t size() const {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    return n;
-  }
-};
-
-TensorView describe(const OrtApi& api, const OrtValue* value) {
-  OrtTensorTypeAndShapeInfo* info = nullptr;
-  check(api, api.GetTensorTypeAndShape(value, &info));
-  TensorView v;
-  size_t rank = 0;
-  OrtStatus* st = api.GetTensorElementType(info, &v.type);
-  if (!st) st = api.GetDimensionsCount(info, &rank);
-  if (!st) { v.shape.resize(rank); st = api.GetDimensions(info, v.shape.data(), rank); }
-  api.ReleaseTensorTypeAndShapeInfo(info);
-  check(api, st);
-  return v;
-}
-
-template <typename T>
-const T* tensor_data(const OrtApi& api, const OrtValue* value) {
-  void* p = nullptr;
-  check(api, api.GetTensorMutableData(const_cast<OrtValue*>(value), &p));
-  return static_cast<const T*>(p);
-}
-
 struct Kernel {
   const OrtApi* api;
   std::string name;
   PreparedWeight weight;
   Isa isa;
+  int accuracy_level = kAccuracyFloat;  // FORMAT.md §2: 0-3 float path, 4 int8 activations
 };
 
+// The optional `accuracy_level` attribute (as MatMulNBits has it): absent means 0.
+int accuracy_level_attr(const OrtApi& api, const OrtKernelInfo* info) {
+  int64_t v = kAccuracyFloat;
+  OrtStatus* st = api.KernelInfoGetAttribute_int64(info, "accuracy_level", &v);
+  if (st) {
+    api.ReleaseStatus(st);
+    return kAccuracyFloat;
+  }
+  if (!is_supported_accuracy_level(v))
+    throw FormatError("attribute 'accuracy_level'=" + std::to_string(v) + " unsupported (0 to 4)");
+  return static_cast<int>(v);
+}
+
 Kernel* create_kernel(const OrtApi& api, const OrtKernelInfo* info, const std::string& name) {
-  WeightShape shape;
-  shape.K = int_attr(api, info, "K");
-  shape.N = int_attr(api, info, "N");
-  shape.block_size = int_attr(api, info, "block_size");
-  shape.bits = int_attr(api, info, "bits");
-  OrtStatus* st = api.KernelInfoGetAttribute_float(info, "scale0", &shape.scale0);
-  if (st) { api.ReleaseStatus(st); throw FormatError("missing or non-float attribute 'scale0'"); }
-  validate_shape(shape);  // before anything is sized from these numbers
-
-  OrtAllocator* alloc = nullptr;
-  check(api, api.GetAllocatorWithDefaultOptions(&alloc));
-  OrtValue* seeds_value = nullptr;
-  st = api.KernelInfoGetAttribute_tensor(info, "seeds", alloc, &seeds_value);
-  if (st) { api.ReleaseStatus(st); throw FormatError("missing attribute 'seeds' (an INT64 tensor)"); }
-  std::unique_ptr<OrtValue, decltype(api.ReleaseValue)> seeds_owner(seeds_value, api.ReleaseValue);
-  const TensorView seeds = describe(api, seeds_value);
-  if (seeds.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64)
-    throw FormatError("attribute 'seeds' must be an INT64 tensor");
-  if (seeds.shape.size() != 2 || seeds.shape[0] != shape.N)
-    throw FormatError("attribute 'seeds' must have shape [N, ceil(K / block_size)]");
-
-  size_t n_inputs = 0;
-  check(api, api.KernelInfo_GetInputCount(info, &n_inputs));
-  if (n_inputs < 2) throw FormatError("input 'codes' missing");
-  int is_constant = 0;
-  const OrtValue* codes_value = nullptr;
-  check(api, api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &codes_value));
-  if (!is_constant || codes_value == nullptr)
-    throw FormatError("input 'codes' must be a constant initializer (it is read in place, never copied)");
-  const TensorView codes = describe(api, codes_value);
-  if (codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || codes.shape.size() != 1)
-    throw FormatError("input 'codes' must be a 1-D uint8 tensor");
-
   auto kernel = std::make_unique<Kernel>();
   kernel->api = &api;
   kernel->name = name;
-  kernel->weight = prepare_weight(shape, tensor_data<int64_t>(api, seeds_value), seeds.size(),
-                                  tensor_data<uint8_t>(api, codes_value), codes.size());
+  kernel->weight = read_weight(api, info, 1);
+  kernel->accuracy_level = accuracy_level_attr(api, info);
   const char* forced = std::getenv("RBE_ISA");
   kernel->isa = isa_from_name(forced && *forced ? forced : "auto");
   if (!isa_available(kernel->isa))
@@ -176,30 +95,7 @@ void compute(Kernel& k, OrtKernelContext* ctx) {
     PoolTask pt{&task};
     check(api, api.KernelContext_ParallelFor(ctx, &PoolTask::run, n, 0, &pt));
   };
-  gemm(k.weight, tensor_data<float>(api, a_value), M, bias, y, k.isa, pool);
-}
-
-OrtStatus* to_status(const OrtApi* api, const std::string& node, OrtErrorCode code, const char* what) {
-  return api->CreateStatus(code, ("RBEFusedGemm node '" + node + "': " + what).c_str());
-}
-
-// Every exception is turned into a status here: nothing may unwind into ORT.
-template <typename F>
-OrtStatus* guarded(const OrtApi* api, const std::string& node, F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const OpError& e) {
-    return to_status(api, node, e.code, e.what());
-  } catch (const FormatError& e) {
-    return to_status(api, node, ORT_INVALID_GRAPH, e.what());
-  } catch (const std::bad_alloc&) {
-    return to_status(api, node, ORT_FAIL, "out of memory");
-  } catch (const std::exception& e) {
-    return to_status(api, node, ORT_FAIL, e.what());
-  } catch (...) {
-    return to_status(api, node, ORT_FAIL, "unknown error");
-  }
+  gemm(k.weight, tensor_data<float>(api, a_value), M, bias, y, k.isa, pool, k.accuracy_level);
 }
 
 struct RbeFusedGemmOp : OrtCustomOp {
@@ -230,11 +126,11 @@ struct RbeFusedGemmOp : OrtCustomOp {
                         void** out) -> OrtStatus* {
       *out = nullptr;
       const std::string name = node_name(*api, info);
-      return guarded(api, name, [&] { *out = create_kernel(*api, info, name); });
+      return guarded(api, "RBEFusedGemm", name, [&] { *out = create_kernel(*api, info, name); });
     };
     KernelComputeV2 = [](void* k, OrtKernelContext* ctx) -> OrtStatus* {
       Kernel& kernel = *static_cast<Kernel*>(k);
-      return guarded(kernel.api, kernel.name, [&] { compute(kernel, ctx); });
+      return guarded(kernel.api, "RBEFusedGemm", kernel.name, [&] { compute(kernel, ctx); });
     };
     KernelDestroy = [](void* k) { delete static_cast<Kernel*>(k); };
   }

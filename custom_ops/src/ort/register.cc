@@ -5,6 +5,7 @@
 #include <onnxruntime_c_api.h>
 
 #include "rbe_fused_gemm.h"
+#include "rbe_gather.h"
 
 namespace {
 // One domain for the life of the process: ORT does not take ownership, and sessions may outlive any
@@ -25,9 +26,11 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   if (g_domain == nullptr) {
     OrtCustomOpDomain* domain = nullptr;
     if (OrtStatus* st = api->CreateCustomOpDomain("ai.rbe", &domain)) return st;
-    if (OrtStatus* st = api->CustomOpDomain_Add(domain, rbe::rbe_fused_gemm_op())) {
-      api->ReleaseCustomOpDomain(domain);
-      return st;
+    for (const OrtCustomOp* op : {rbe::rbe_fused_gemm_op(), rbe::rbe_gather_op()}) {
+      if (OrtStatus* st = api->CustomOpDomain_Add(domain, op)) {
+        api->ReleaseCustomOpDomain(domain);
+        return st;
+      }
     }
     g_domain = domain;
   }

@@ -1,0 +1,125 @@
+#include "op_common.h"
+
+#include <memory>
+#include <new>
+
+namespace rbe {
+
+void check(const OrtApi& api, OrtStatus* status) {
+  if (status == nullptr) return;
+  const std::string msg = api.GetErrorMessage(status);
+  const OrtErrorCode code = api.GetErrorCode(status);
+  api.ReleaseStatus(status);
+  throw OpError(code, msg);
+}
+
+std::string node_name(const OrtApi& api, const OrtKernelInfo* info) {
+  size_t size = 0;
+  if (api.KernelInfo_GetNodeName(info, nullptr, &size) != nullptr || size == 0) return "?";
+  std::string name(size, '\0');
+  OrtStatus* st = api.KernelInfo_GetNodeName(info, name.data(), &size);
+  if (st) { api.ReleaseStatus(st); return "?"; }
+  name.resize(size > 0 ? size - 1 : 0);
+  return name;
+}
+
+namespace {
+int64_t int_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name) {
+  int64_t v = 0;
+  OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, &v);
+  if (st) {
+    api.ReleaseStatus(st);
+    throw FormatError(std::string("missing or non-integer attribute '") + name + "'");
+  }
+  return v;
+}
+}  // namespace
+
+int64_t TensorView::size() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+TensorView describe(const OrtApi& api, const OrtValue* value) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  check(api, api.GetTensorTypeAndShape(value, &info));
+  TensorView v;
+  size_t rank = 0;
+  OrtStatus* st = api.GetTensorElementType(info, &v.type);
+  if (!st) st = api.GetDimensionsCount(info, &rank);
+  if (!st) { v.shape.resize(rank); st = api.GetDimensions(info, v.shape.data(), rank); }
+  api.ReleaseTensorTypeAndShapeInfo(info);
+  check(api, st);
+  return v;
+}
+
+const void* raw_data(const OrtApi& api, const OrtValue* value) {
+  void* p = nullptr;
+  check(api, api.GetTensorMutableData(const_cast<OrtValue*>(value), &p));
+  return p;
+}
+
+PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index) {
+  WeightShape shape;
+  shape.K = int_attr(api, info, "K");
+  shape.N = int_attr(api, info, "N");
+  shape.block_size = int_attr(api, info, "block_size");
+  shape.bits = int_attr(api, info, "bits");
+  OrtStatus* st = api.KernelInfoGetAttribute_float(info, "scale0", &shape.scale0);
+  if (st) { api.ReleaseStatus(st); throw FormatError("missing or non-float attribute 'scale0'"); }
+  validate_shape(shape);  // before anything is sized from these numbers
+
+  OrtAllocator* alloc = nullptr;
+  check(api, api.GetAllocatorWithDefaultOptions(&alloc));
+  OrtValue* seeds_value = nullptr;
+  st = api.KernelInfoGetAttribute_tensor(info, "seeds", alloc, &seeds_value);
+  if (st) { api.ReleaseStatus(st); throw FormatError("missing attribute 'seeds' (an INT64 tensor)"); }
+  std::unique_ptr<OrtValue, decltype(api.ReleaseValue)> seeds_owner(seeds_value, api.ReleaseValue);
+  const TensorView seeds = describe(api, seeds_value);
+  if (seeds.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64)
+    throw FormatError("attribute 'seeds' must be an INT64 tensor");
+  if (seeds.shape.size() != 2 || seeds.shape[0] != shape.N)
+    throw FormatError("attribute 'seeds' must have shape [N, ceil(K / block_size)]");
+
+  size_t n_inputs = 0;
+  check(api, api.KernelInfo_GetInputCount(info, &n_inputs));
+  if (n_inputs <= codes_index) throw FormatError("input 'codes' missing");
+  int is_constant = 0;
+  const OrtValue* codes_value = nullptr;
+  check(api, api.KernelInfoGetConstantInput_tensor(info, codes_index, &is_constant, &codes_value));
+  if (!is_constant || codes_value == nullptr)
+    throw FormatError("input 'codes' must be a constant initializer (it is read in place, never copied)");
+  const TensorView codes = describe(api, codes_value);
+  if (codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || codes.shape.size() != 1)
+    throw FormatError("input 'codes' must be a 1-D uint8 tensor");
+
+  return prepare_weight(shape, tensor_data<int64_t>(api, seeds_value), seeds.size(),
+                        tensor_data<uint8_t>(api, codes_value), codes.size());
+}
+
+namespace {
+OrtStatus* to_status(const OrtApi* api, const char* op, const std::string& node, OrtErrorCode code,
+                     const char* what) {
+  return api->CreateStatus(code, (std::string(op) + " node '" + node + "': " + what).c_str());
+}
+}  // namespace
+
+OrtStatus* guarded(const OrtApi* api, const char* op, const std::string& node, const std::function<void()>& f) {
+  try {
+    f();
+    return nullptr;
+  } catch (const OpError& e) {
+    return to_status(api, op, node, e.code, e.what());
+  } catch (const FormatError& e) {
+    return to_status(api, op, node, ORT_INVALID_GRAPH, e.what());
+  } catch (const std::bad_alloc&) {
+    return to_status(api, op, node, ORT_FAIL, "out of memory");
+  } catch (const std::exception& e) {
+    return to_status(api, op, node, ORT_FAIL, e.what());
+  } catch (...) {
+    return to_status(api, op, node, ORT_FAIL, "unknown error");
+  }
+}
+
+}  // namespace rbe

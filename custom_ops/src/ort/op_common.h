@@ -1,0 +1,46 @@
+// Plumbing shared by the ai.rbe ops on the ORT C API: status/exception conversion, attribute and tensor
+// access, and reading an RBE weight (attributes + constant codes input) into a PreparedWeight.
+#pragma once
+
+#include <onnxruntime_c_api.h>
+
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "rbe/format.h"
+
+namespace rbe {
+
+// An error with the ORT code it should surface as.
+struct OpError : std::runtime_error {
+  OrtErrorCode code;
+  OpError(OrtErrorCode c, const std::string& m) : std::runtime_error(m), code(c) {}
+};
+
+// Throws OpError for a non-null status (and releases it).
+void check(const OrtApi& api, OrtStatus* status);
+std::string node_name(const OrtApi& api, const OrtKernelInfo* info);
+
+struct TensorView {
+  ONNXTensorElementDataType type;
+  std::vector<int64_t> shape;
+  int64_t size() const;
+};
+TensorView describe(const OrtApi& api, const OrtValue* value);
+const void* raw_data(const OrtApi& api, const OrtValue* value);
+template <typename T>
+const T* tensor_data(const OrtApi& api, const OrtValue* value) {
+  return static_cast<const T*>(raw_data(api, value));
+}
+
+// K, N, block_size, bits, scale0, seeds attributes + the constant uint8 codes input at `codes_index`.
+PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index);
+
+// Runs f, turning every exception into an OrtStatus prefixed with the op and node: nothing may unwind
+// into ORT.
+OrtStatus* guarded(const OrtApi* api, const char* op, const std::string& node, const std::function<void()>& f);
+
+}  // namespace rbe

@@ -1,0 +1,100 @@
+// The table E [N, K] (N entries of K values) is stored as the RBE weight W = Eᵀ (K x N, FORMAT.md), so
+// entry t is column t of W: one contiguous run of nb blocks. A tied GPT-2 lm_head (Y = X·wteᵀ) reads the very
+// same codes initializer, so the table is stored once for both ops.
+#include "rbe_gather.h"
+
+#include <climits>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "op_common.h"
+#include "rbe/format.h"
+
+namespace rbe {
+namespace {
+
+struct GatherKernel {
+  const OrtApi* api;
+  std::string name;
+  PreparedWeight weight;
+};
+
+void compute(GatherKernel& k, OrtKernelContext* ctx) {
+  const OrtApi& api = *k.api;
+  const WeightShape& s = k.weight.shape;
+  const OrtValue* ids_value = nullptr;
+  check(api, api.KernelContext_GetInput(ctx, 0, &ids_value));
+  if (ids_value == nullptr) throw OpError(ORT_INVALID_ARGUMENT, "input 'indices' missing");
+  const TensorView ids = describe(api, ids_value);
+  std::vector<int64_t> out_shape = ids.shape;
+  out_shape.push_back(s.K);
+  OrtValue* out_value = nullptr;
+  check(api, api.KernelContext_GetOutput(ctx, 0, out_shape.data(), out_shape.size(), &out_value));
+  float* out = nullptr;
+  check(api, api.GetTensorMutableData(out_value, reinterpret_cast<void**>(&out)));
+  const int64_t* index = tensor_data<int64_t>(api, ids_value);
+  const int64_t nb = s.blocks_per_column();
+  std::vector<float> column(s.padded_K());
+  for (int64_t i = 0; i < ids.size(); ++i) {
+    int64_t t = index[i];
+    if (t < -s.N || t >= s.N) {
+      std::ostringstream m;
+      m << "index " << t << " out of range [-" << s.N << ", " << s.N - 1 << "]";
+      throw OpError(ORT_INVALID_ARGUMENT, m.str());
+    }
+    if (t < 0) t += s.N;  // ONNX Gather counts negative indices from the end
+    for (int64_t b = 0; b < nb; ++b) decode_block(k.weight, t * nb + b, column.data() + b * s.block_size);
+    std::copy(column.begin(), column.begin() + s.K, out + i * s.K);
+  }
+}
+
+struct RbeGatherOp : OrtCustomOp {
+  RbeGatherOp() : OrtCustomOp{} {
+    version = ORT_API_VERSION;
+    GetName = [](const OrtCustomOp*) { return "RBEGather"; };
+    GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
+    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 2; };
+    GetInputType = [](const OrtCustomOp*, size_t i) {
+      return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    };
+    GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+    GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
+    GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+    GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+    GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+    GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+    GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
+    GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+    GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 0; };
+    GetStartVersion = [](const OrtCustomOp*) { return 1; };
+    GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
+    CreateKernelV2 = [](const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
+                        void** out) -> OrtStatus* {
+      *out = nullptr;
+      const std::string name = node_name(*api, info);
+      return guarded(api, "RBEGather", name, [&] {
+        auto kernel = std::make_unique<GatherKernel>();
+        kernel->api = api;
+        kernel->name = name;
+        kernel->weight = read_weight(*api, info, 1);
+        *out = kernel.release();
+      });
+    };
+    KernelComputeV2 = [](void* k, OrtKernelContext* ctx) -> OrtStatus* {
+      GatherKernel& kernel = *static_cast<GatherKernel*>(k);
+      return guarded(kernel.api, "RBEGather", kernel.name, [&] { compute(kernel, ctx); });
+    };
+    KernelDestroy = [](void* k) { delete static_cast<GatherKernel*>(k); };
+  }
+};
+
+}  // namespace
+
+const OrtCustomOp* rbe_gather_op() {
+  static const RbeGatherOp op;
+  return &op;
+}
+
+}  // namespace rbe

@@ -1,0 +1,60 @@
+"""RBEGather: embedding rows decoded on demand, equal to the numpy decoder's table; tied with the lm_head."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from rbe_onnx import get_library_path
+from rbe_onnx.codec import decode, encode
+
+
+def gather_session(tmp_path, table: np.ndarray, bits: int = 4):
+    w = encode(np.ascontiguousarray(table.T), bits=bits, block_size=64)  # entry t = column t of W = tableᵀ
+    node = helper.make_node("RBEGather", ["ids", "codes"], ["rows"], name="emb", domain="ai.rbe", K=w.K, N=w.N,
+                            block_size=64, bits=bits, scale0=w.scale0, seeds=numpy_helper.from_array(w.seeds, "s"))
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
+                              [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w.codes, "codes")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.rbe", 1)])
+    model.ir_version = 10
+    path = tmp_path / "gather.onnx"
+    onnx.save(model, str(path))
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(get_library_path())
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]), decode(w).T
+
+
+def test_rows_equal_numpy_decode_for_any_index_shape(tmp_path):
+    table = np.random.default_rng(0).standard_normal((300, 100)).astype(np.float32)  # K=100: a tail block
+    session, decoded = gather_session(tmp_path, table)
+    ids = np.array([[0, 299, 17], [5, -1, -300]], dtype=np.int64)
+    rows = session.run(None, {"ids": ids})[0]
+    assert rows.shape == (2, 3, 100)
+    assert np.array_equal(rows, decoded[ids])
+
+
+def test_out_of_range_index_is_an_error(tmp_path):
+    session, _ = gather_session(tmp_path, np.ones((10, 64), np.float32))
+    with pytest.raises(Exception, match=r"RBEGather node 'emb': index 10 out of range \[-10, 9\]"):
+        session.run(None, {"ids": np.array([10], dtype=np.int64)})
+
+
+def test_tied_gpt2_embedding_is_stored_once(ref_gpt2_onnx_dir, tmp_path):
+    from rbe_onnx import rewrite
+
+    out = tmp_path / "model.onnx"
+    rewrite(ref_gpt2_onnx_dir / "model.onnx", out, bits=4, progress=False)
+    model = onnx.load(str(out), load_external_data=False)
+    gathers = [n for n in model.graph.node if n.op_type == "RBEGather"]
+    assert {n.name for n in gathers} == {"/wte/Gather", "/wpe/Gather"}
+    assert not [n for n in model.graph.node if n.op_type == "Gather" and n.input[0].endswith(".weight")]
+    lm_head = [n for n in model.graph.node if n.op_type == "RBEFusedGemm" and n.input[0] and
+               next(a for a in n.attribute if a.name == "N").i == 50257]
+    wte = next(n for n in gathers if n.name == "/wte/Gather")
+    assert len(lm_head) == 1 and lm_head[0].input[1] == wte.input[1]  # one codes initializer for both
+    codes = [t for t in model.graph.initializer if t.name.endswith(".rbe_codes")]
+    assert sum(1 for t in codes if t.dims[0] == 50257 * 4 * 32) == 1
+    assert not [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and np.prod(t.dims) > 1e6]
