@@ -6,7 +6,8 @@ from .library import get_library_path
 __version__ = "0.1.0"
 
 # Heavier entry points load on first use, so `get_library_path()` costs no onnx/numpy import.
-_LAZY = {"rewrite": "compressor", "read_report": "compressor"}
+_LAZY = {"rewrite": "compressor", "read_report": "compressor", "session_options": "api",
+         "Generator": "runtime.generator"}
 
 
 def __getattr__(name: str):
@@ -17,4 +18,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'rbe_onnx' has no attribute {name!r}")
 
 
-__all__ = ["get_library_path", "rewrite", "read_report", "__version__"]
+__all__ = ["get_library_path", "rewrite", "read_report", "session_options", "Generator", "__version__"]

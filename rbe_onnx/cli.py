@@ -55,7 +55,8 @@ def cmd_rewrite(args) -> int:
 
     output = Path(args.output) if args.output else Path(args.model).with_name(Path(args.model).stem + ".rbe.onnx")
     _, rows = rewrite(args.model, output, bits=args.bits, block_size=args.block_size, exclude=args.exclude,
-                      progress=not args.quiet)
+                      embeddings=not args.keep_embeddings, progress=not args.quiet, calibrate=args.calibrate,
+                      calibration_tokens=args.calib_tokens)
     print_report(rows, f"{args.model} -> {output}")
     return 0
 
@@ -64,6 +65,58 @@ def cmd_inspect(args) -> int:
     from .compressor import read_report
 
     print_report(read_report(args.model), str(args.model))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .evaluate import compare, embedding_cosine, wikitext_test_paragraphs, wikitext_test_windows
+    from .runtime import Gpt2Shape, make_session
+
+    model_dir = Path(args.model_dir)
+    info_path = model_dir / "rbe_export.json"
+    if not info_path.is_file():
+        raise ValueError(f"{info_path} missing: eval needs a folder made by `rbe-onnx export` (or a rewrite of one)")
+    kind = json.loads(info_path.read_text())["model_type"]
+    session = make_session(model_dir, threads=args.threads)
+    reference = make_session(args.reference, threads=args.threads) if args.reference else None
+    if kind == "bert":
+        if reference is None:
+            raise ValueError("BERT eval compares embeddings: give the fp32 export with --reference")
+        feeds = wikitext_test_paragraphs(str(model_dir / "tokenizer.json"), args.sentences)
+        result = embedding_cosine(session, reference, feeds)
+    else:
+        shape = Gpt2Shape.from_dir(model_dir)
+        windows = wikitext_test_windows(str(model_dir / "tokenizer.json"), args.window or shape.n_positions,
+                                        args.windows)
+        result = compare(session, shape, windows, reference)
+    console.print_json(data={"model": str(model_dir), "dataset": args.dataset, **result})
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .runtime.generator import Generator
+    from .runtime.sampling import SamplingConfig
+
+    sampling_flags = {"--temperature": args.temperature, "--top-k": args.top_k, "--top-p": args.top_p}
+    given = [flag for flag, value in sampling_flags.items() if value is not None]
+    if args.greedy and given:
+        raise ValueError(f"--greedy cannot be combined with {', '.join(given)}")
+    sampling = SamplingConfig(do_sample=bool(given), temperature=args.temperature or 1.0, top_k=args.top_k or 0,
+                              top_p=1.0 if args.top_p is None else args.top_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed)
+    gen = Generator(args.model_dir, threads=args.threads)
+    # Plain print, not the rich console: generated text must not be parsed as markup, and it is flushed
+    # piece by piece so it appears as it is produced.
+    print(args.prompt, end="", flush=True)
+    result = gen.generate(args.prompt, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                          stop=args.stop or (), on_text=lambda _, piece: print(piece, end="", flush=True))
+    done = result.completions[0]
+    n_prompt = result.prefill_tokens
+    print(f"\n[{len(done.tokens)} new tokens, stopped by {done.finish_reason}] prefill {n_prompt} tokens: "
+          f"{result.prefill_ms:.1f} ms ({result.prefill_ms / n_prompt:.2f} ms/token); decode: "
+          f"{result.decode_ms_per_token:.2f} ms/token (median of {len(result.decode_ms)} steps)")
     return 0
 
 
@@ -83,12 +136,42 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
     r.add_argument("--block-size", type=int, default=64, choices=(32, 64, 128, 256))
     r.add_argument("--exclude", help="regex: nodes or weights whose name matches stay fp32")
+    r.add_argument("--keep-embeddings", action="store_true",
+                   help="leave Gather tables (token/position embeddings) fp32 instead of RBEGather")
+    r.add_argument("--calibrate", action="store_true",
+                   help="error-feedback rounding from WikiText-2 valid activations (never the test split)")
+    r.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default 8192)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(fn=cmd_rewrite)
 
     i = sub.add_parser("inspect", help="print the rewrite table of a rewritten model")
     i.add_argument("model")
     i.set_defaults(fn=cmd_inspect)
+
+    v = sub.add_parser("eval", help="WikiText-2 test perplexity (GPT-2) or embedding cosine (BERT)")
+    v.add_argument("model_dir", help="export folder (fp32 or rewritten)")
+    v.add_argument("--dataset", default="wikitext2-test", choices=("wikitext2-test",))
+    v.add_argument("--reference", help="fp32 export folder: adds KL and top-1 agreement (GPT-2), required for BERT")
+    v.add_argument("--windows", type=int, help="GPT-2: score only the first N windows (default: all)")
+    v.add_argument("--window", type=int, help="GPT-2: window length (default: the model's context)")
+    v.add_argument("--sentences", type=int, default=500, help="BERT: paragraphs to embed (default 500)")
+    v.add_argument("--threads", type=int)
+    v.set_defaults(fn=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text from an exported (fp32 or rewritten) GPT-2 folder")
+    g.add_argument("model_dir", help="export folder (model.onnx, rbe_export.json, tokenizer.json)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--greedy", action="store_true",
+                   help="argmax decoding (the default unless a sampling option is given)")
+    g.add_argument("--temperature", type=float, help="sample, dividing the logits by T")
+    g.add_argument("--top-k", type=int, help="sample from the K most likely tokens")
+    g.add_argument("--top-p", type=float, help="sample from the smallest set of tokens holding mass P")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens")
+    g.add_argument("--seed", type=int, help="sampling seed (reproducible output)")
+    g.add_argument("--stop", action="append", help="stop string (repeatable); not printed")
+    g.add_argument("--threads", type=int, help="ORT intra-op threads (default: ORT's choice)")
+    g.set_defaults(fn=cmd_generate)
     return p
 
 

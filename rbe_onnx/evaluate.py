@@ -1,8 +1,11 @@
-"""Perplexity and fidelity of exported GPT-2 models on WikiText-2 test.
+"""Fidelity of exported models on WikiText-2 test.
 
-Protocol: the HF rows joined with blank lines (datasets.wikitext2_text), tokenized with the model's own
+GPT-2 protocol: the HF rows joined with blank lines (datasets.wikitext2_text), tokenized with the model's own
 tokenizer, cut into non-overlapping windows of `window` tokens (default: the model's context); every
 position but the first of each window is scored. The same windows for every model.
+
+BERT protocol: the first `sentences` non-heading WikiText-2 test rows (paragraphs), truncated to 128 tokens,
+mean-pooled over real tokens (sentence-transformers pooling); cosine of each pooled vector to the reference's.
 """
 from __future__ import annotations
 
@@ -44,3 +47,36 @@ def compare(session, shape: Gpt2Shape, windows: np.ndarray, reference=None, batc
     if reference is not None:
         out.update(kl=float(kl / count), top1=agree / count)
     return out
+
+
+def wikitext_test_paragraphs(tokenizer_json: str, count: int, max_len: int = 128) -> dict:
+    """Feeds for `count` WikiText-2 test paragraphs, padded, as a sentence encoder sees them."""
+    from tokenizers import Tokenizer
+
+    from .datasets import wikitext2_rows
+
+    tok = Tokenizer.from_file(tokenizer_json)
+    tok.enable_truncation(max_len)
+    tok.enable_padding(pad_id=0)
+    rows = [r.strip() for r in wikitext2_rows("test") if len(r.strip()) > 40 and not r.strip().startswith("=")]
+    enc = tok.encode_batch(rows[:count])
+    ids = np.array([e.ids for e in enc], dtype=np.int64)
+    mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def mean_pooled(session, feeds: dict, batch: int = 50) -> np.ndarray:
+    out = []
+    for s in range(0, len(feeds["input_ids"]), batch):
+        part = {k: v[s:s + batch] for k, v in feeds.items()}
+        hidden = session.run(None, part)[0]
+        m = part["attention_mask"][..., None]
+        out.append((hidden * m).sum(1) / m.sum(1))
+    return np.concatenate(out)
+
+
+def embedding_cosine(session, reference, feeds: dict) -> dict:
+    """Mean and worst cosine of mean-pooled embeddings against the reference model's."""
+    a, b = mean_pooled(session, feeds), mean_pooled(reference, feeds)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "sentences": len(cos)}

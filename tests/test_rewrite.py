@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from rbe_onnx import get_library_path, read_report, rewrite
 from rbe_onnx.cli import main as cli
 from rbe_onnx.datasets import wikitext2_text
+from rbe_onnx.evaluate import wikitext_test_paragraphs
 from rbe_onnx.compressor import NothingToRewrite, totals
 from rbe_onnx.runtime.feeds import Gpt2Shape, prefill_feeds
 
@@ -129,23 +130,9 @@ def bert_feeds() -> dict:
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
 
 
-def wikitext_sentence_feeds(model_dir: Path, count: int = 64) -> dict:
-    """`count` WikiText-2 test paragraphs (not headings), padded, as a sentence encoder sees them."""
-    from rbe_onnx.datasets import wikitext2_rows
-
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-    tok.enable_truncation(128)
-    tok.enable_padding(pad_id=0)
-    rows = [r.strip() for r in wikitext2_rows("test") if len(r.strip()) > 40 and not r.strip().startswith("=")]
-    enc = tok.encode_batch(rows[:count])
-    ids = np.array([e.ids for e in enc], dtype=np.int64)
-    mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-
-
 def minilm_8bit_pooled(ort_session, tmp_path, minilm_onnx_dir, calibrate: bool, embeddings: bool = False):
     """Issue 2's setting: the MatMul/Gemm projections at 8 bits (embeddings are covered separately)."""
-    feeds = wikitext_sentence_feeds(minilm_onnx_dir)
+    feeds = wikitext_test_paragraphs(str(minilm_onnx_dir / "tokenizer.json"), 64)
     ref = ort_session(minilm_onnx_dir).run(None, feeds)[0]
     out = tmp_path / "model.onnx"
     rewrite(minilm_onnx_dir / "model.onnx", out, bits=8, calibrate=calibrate, embeddings=embeddings,

@@ -1,15 +1,23 @@
 """Decode/prefill speed and size of a GPT-2-small-shaped model (124 M, random init: speed does not depend on
 values): fp32 ORT, ORT MatMulNBits int4 (block 32, accuracy_level 4, Gemm converted to MatMul+Add so every
-layer is covered) and RBE, measured interleaved in one run. Writes BENCHMARKS.md.
+layer is covered) and RBE variants, measured interleaved in one run; then the RBE GEMV kernels alone against
+the machine's measured read bandwidth. Writes BENCHMARKS.md.
 
-    python tools/bench.py [--work DIR] [--tokens 64] [--threads 2]
+    python tools/bench.py [--work DIR] [--tokens 64] [--threads 2] [--rounds 2] [--only REGEX]
+
+RBE variants: `int8` rows carry the node attribute accuracy_level=4 (activations quantized to int8 per block,
+as MatMulNBits' accuracy_level 4; FORMAT.md §2.1), the others run the exact float path (accuracy_level 0).
+bpw = bits per weight of the rewritten MatMul/Gemm weights, everything counted (codes + 64-bit seeds;
+MatMulNBits: 4-bit codes + fp32 scale + 4-bit zero point per 32).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,12 +47,45 @@ print(json.dumps({"decode_ms": res.decode_ms_median, "decode_n": len(res.decode_
                   "prefill256_ms": pre[256], "peak_rss_mb": psutil.Process().memory_info().rss / 1e6}))
 """
 
+NBITS = "ORT MatMulNBits int4 b32 acc4"
+# label, bits, block_size, accuracy_level
+RBE_VARIANTS = [
+    ("RBE 4-bit/64", 4, 64, 0),
+    ("RBE 4-bit/64 int8", 4, 64, 4),
+    ("RBE 4-bit/128 int8", 4, 128, 4),
+    ("RBE 3-bit/256 int8", 3, 256, 4),
+]
+
 
 def files_mb(model: Path) -> float:
-    return sum(f.stat().st_size for f in model.parent.iterdir() if f.name.startswith(model.name)) / 1e6
+    """model.onnx plus the external data files it references."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
+
+    m = onnx.load(str(model), load_external_data=False)
+    files = {model}
+    for t in _get_all_tensors(m):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            files.add(model.parent / ExternalDataInfo(t).location)
+    return sum(f.stat().st_size for f in files) / 1e6
 
 
-def build(work: Path) -> dict[str, Path]:
+def with_accuracy_level(src: Path, dst: Path, level: int) -> Path:
+    """A copy of the graph with accuracy_level set on every RBEFusedGemm, sharing src's external data."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.load(str(src), load_external_data=False)
+    for node in m.graph.node:
+        if node.op_type == "RBEFusedGemm":
+            keep = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(keep + [helper.make_attribute("accuracy_level", level)])
+    onnx.save(m, str(dst))
+    return dst
+
+
+def build(work: Path, only: str | None) -> tuple[dict[str, Path], dict[str, float]]:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -57,7 +98,7 @@ def build(work: Path) -> dict[str, Path]:
     if not fp32.exists():
         hf = make_random_gpt2(work / "hf", n_layer=12, n_embd=768, n_head=12, n_positions=1024)
         export_gpt2(hf, fp32.parent)
-    models = {"fp32 ORT": fp32}
+    models, bpw = {"fp32 ORT": fp32}, {"fp32 ORT": 32.0}
     nbits = work / "nbits" / "model.onnx"
     if not nbits.exists():
         m = onnx.load(str(fp32))
@@ -65,44 +106,74 @@ def build(work: Path) -> dict[str, Path]:
         q = MatMulNBitsQuantizer(m, bits=4, block_size=32, is_symmetric=False, accuracy_level=4)
         q.process()
         save_model(q.model.model, nbits)
-    models["ORT MatMulNBits int4 b32 acc4"] = nbits
-    for bits, block in ((4, 64), (3, 128)):
-        out = work / f"rbe{bits}b{block}" / "model.onnx"
-        if not out.exists():
-            rewrite(fp32, out, bits=bits, block_size=block)
-        models[f"RBE {bits}-bit/{block}"] = out
-    return models
+    models[NBITS], bpw[NBITS] = nbits, 4 + 32 / 32 + 4 / 32
+    for label, bits, block, level in RBE_VARIANTS:
+        if only and not re.search(only, label):
+            continue
+        base = work / f"rbe{bits}b{block}" / "model.onnx"
+        if not base.exists():
+            rewrite(fp32, base, bits=bits, block_size=block)
+        path = base if level == 0 else with_accuracy_level(base, base.with_name(f"model_acc{level}.onnx"), level)
+        models[label], bpw[label] = path, bits + 64 / block
+    return models, bpw
 
 
-def kernel_bandwidth(threads: int) -> list[tuple[str, float, float]]:
+def read_bandwidth(threads: int) -> float:
+    """Read bandwidth (GB/s) of a 512 MB buffer summed by `threads` threads (numpy releases the GIL)."""
+    buf = np.ones(128 * 1024 * 1024, dtype=np.float32)
+    parts = np.array_split(buf, threads)
+    best = 0.0
+    for _ in range(5):
+        ts = [threading.Thread(target=p.sum) for p in parts]
+        t = time.perf_counter()
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join()
+        best = max(best, buf.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def kernel_bandwidth(threads: int, rounds: int) -> list[tuple[str, int, float, float]]:
+    """The decode step's GEMVs alone (M = 1, the 49 matrices of GPT-2 small in graph order, every weight
+    distinct so each is streamed from memory as in the model): ms per step and GB/s of compressed weight
+    (codes + seeds), medians over interleaved repetitions."""
     from rbe_onnx import _kernels
-    from rbe_onnx.codec import encode
+    from rbe_onnx.codec.seed import pack_seeds
 
     rng = np.random.default_rng(0)
-    rows = []
-    for K, N in ((768, 3072), (3072, 768), (768, 50257)):
-        w = encode((rng.standard_normal((K, N)) * 0.02).astype(np.float32), bits=4, block_size=64)
-        cpp = _kernels.Weight(w.seeds, w.codes, w.K, w.N, w.block_size, w.bits, w.scale0)
-        a = rng.standard_normal((1, K)).astype(np.float32)
-        times = []
-        for _ in range(30):
+    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12 + [(768, 50257)]
+    configs = [(4, 64, 0), (4, 64, 4), (4, 128, 4), (3, 256, 4)]
+    sets = {}
+    for bits, block, _ in configs:
+        if (bits, block) in sets:
+            continue
+        # Random valid seeds and codes (speed does not depend on the values), distinct memory per matrix.
+        ws, nbytes = [], 0
+        for K, N in shapes:
+            nb = -(-K // block)
+            seeds = pack_seeds(rng.integers(0, 2000, (N, nb)), rng.integers(0, 16, (N, nb)),
+                               rng.integers(-8, 8, (N, nb)), bits)
+            codes = rng.integers(0, 256, N * nb * block * bits // 8, dtype=np.uint8)
+            ws.append(_kernels.Weight(seeds, codes, K, N, block, bits, 1e-3))
+            nbytes += codes.nbytes + seeds.nbytes
+        sets[bits, block] = (ws, nbytes)
+    acts = {K: rng.standard_normal((1, K)).astype(np.float32) for K in (768, 3072)}
+    runs = [(c, t) for c in configs for t in sorted({1, threads})]
+    times: dict = {r: [] for r in runs}
+    for _ in range(max(10, 5 * rounds)):
+        for (bits, block, level), nthreads in runs:
+            ws, _ = sets[bits, block]
             t = time.perf_counter()
-            cpp.gemm(a, threads=threads)
-            times.append(time.perf_counter() - t)
-        dt = float(np.median(times))
-        rows.append((f"{K}x{N}", 1e3 * dt, w.nbytes / dt / 1e9))
+            for w, (K, _) in zip(ws, shapes):
+                w.gemm(acts[K], threads=nthreads, accuracy_level=level)
+            times[(bits, block, level), nthreads].append(time.perf_counter() - t)
+    rows = []
+    for (bits, block, level), nthreads in runs:
+        dt = float(np.median(times[(bits, block, level), nthreads]))
+        label = f"{bits}-bit/{block} {'int8' if level == 4 else 'float'}"
+        rows.append((label, nthreads, 1e3 * dt, sets[bits, block][1] / dt / 1e9))
     return rows
-
-
-def read_bandwidth() -> float:
-    """Single-process read bandwidth (GB/s) of a 512 MB buffer, for the kernels' share of the limit."""
-    buf = np.ones(128 * 1024 * 1024, dtype=np.float32)
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        buf.sum()
-        times.append(time.perf_counter() - t)
-    return buf.nbytes / min(times) / 1e9
 
 
 def main() -> None:
@@ -111,35 +182,51 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the median is reported")
+    ap.add_argument("--only", default=None, help="regex: only the RBE variants whose label matches")
+    ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = ap.parse_args()
     work = Path(args.work)
-    models = build(work)
+    models, bpw = build(work, args.only)
     results: dict[str, list[dict]] = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, path in models.items():  # interleaved: drift hits every variant alike
+            # cwd: the work folder, so that `python -c` imports the installed package (with its compiled op
+            # library), not the source tree's rbe_onnx/ that the repository root would put first on sys.path.
             out = subprocess.run([sys.executable, "-c", PROBE, str(path), str(models["fp32 ORT"].parent),
-                                  str(args.threads), str(args.tokens)], capture_output=True, text=True, check=True)
+                                  str(args.threads), str(args.tokens)], capture_output=True, text=True, check=True,
+                                 cwd=work)
             results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     med = {n: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for n, rs in results.items()}
-    anchor = med["ORT MatMulNBits int4 b32 acc4"]["decode_ms"]
-    lines = ["# Benchmarks", "", f"Command: `python tools/bench.py --tokens {args.tokens} --threads {args.threads} "
-             f"--rounds {args.rounds}` (GPT-2-small shape, 124 M parameters, random init; {args.threads} threads; "
-             "medians over interleaved rounds; decode = median ms/token of "
-             f"{args.tokens} greedy tokens after a 32-token prompt, KV cache round-tripped through numpy).", "",
-             "| model | files MB | decode ms/token | vs MatMulNBits | prefill 32 ms | prefill 256 ms | RSS MB |",
-             "|---|---|---|---|---|---|---|"]
+    anchor = med[NBITS]
+    cmd = f"python tools/bench.py --tokens {args.tokens} --threads {args.threads} --rounds {args.rounds}"
+    if args.only:
+        cmd += f" --only '{args.only}'"
+    lines = ["# Benchmarks", "", f"Command: `{cmd}` (GPT-2-small shape, 124 M parameters, random init; "
+             f"{args.threads} threads; medians over interleaved rounds; decode = median ms/token of "
+             f"{args.tokens} greedy tokens after a 32-token prompt; bpw = bits per weight of the MatMul/Gemm "
+             "weights, everything counted; `int8` = accuracy_level 4, int8 activations per block like "
+             "MatMulNBits acc4, FORMAT.md §2.1).", "",
+             "| model | bpw | files MB | decode ms/token | vs MatMulNBits | prefill 32 ms | prefill 256 ms "
+             "| prefill 256 vs MatMulNBits | RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, m in med.items():
-        lines.append(f"| {name} | {files_mb(models[name]):.1f} | {m['decode_ms']:.2f} | "
-                     f"{m['decode_ms'] / anchor:.2f}x | {m['prefill32_ms']:.1f} | {m['prefill256_ms']:.1f} | "
+        lines.append(f"| {name} | {bpw[name]:.2f} | {files_mb(models[name]):.1f} | {m['decode_ms']:.2f} | "
+                     f"{m['decode_ms'] / anchor['decode_ms']:.2f}x | {m['prefill32_ms']:.1f} | "
+                     f"{m['prefill256_ms']:.1f} | {m['prefill256_ms'] / anchor['prefill256_ms']:.2f}x | "
                      f"{m['peak_rss_mb']:.0f} |")
-    bw = read_bandwidth()
-    lines += ["", f"Kernel alone (pybind, 4-bit/64, M=1, {args.threads} threads); machine read bandwidth "
-              f"(numpy sum, 1 thread) {bw:.1f} GB/s:", "", "| GEMV K x N | ms | GB/s of compressed weight |",
-              "|---|---|---|"]
-    for shape, ms, gbs in kernel_bandwidth(args.threads):
-        lines.append(f"| {shape} | {ms:.3f} | {gbs:.1f} |")
+    bw1, bwn = read_bandwidth(1), read_bandwidth(args.threads)
+    lines += ["", "Kernels alone (pybind, M = 1): the decode step's 49 GEMVs (GPT-2 small, graph order, each weight "
+              "distinct in memory; the binding keeps its worker threads parked between calls, as ORT does). "
+              f"Machine read bandwidth (numpy sum of 512 MB, best of 5): {bw1:.1f} GB/s with 1 thread, {bwn:.1f} "
+              f"GB/s with {args.threads}.", "",
+              "| kernel | threads | ms per decode step | GB/s of compressed weight | share of read bandwidth |",
+              "|---|---|---|---|---|"]
+    for label, nthreads, ms, gbs in kernel_bandwidth(args.threads, args.rounds):
+        bw = bw1 if nthreads == 1 else bwn
+        lines.append(f"| {label} | {nthreads} | {ms:.2f} | {gbs:.1f} | {100 * gbs / bw:.0f} % |")
     text = "\n".join(lines) + "\n"
-    (ROOT / "BENCHMARKS.md").write_text(text)
+    if not args.no_write:
+        (ROOT / "BENCHMARKS.md").write_text(text)
     print(text)
 
 

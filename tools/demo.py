@@ -36,12 +36,14 @@ def main() -> None:
     console.print(f"exported -> {fp32_dir / 'model.onnx'}")
 
     variants = {"fp32": (fp32_dir, None)}
-    for bits, block in ((8, 64), (4, 64), (3, 128)):
-        rbe_dir = out / f"ref-gpt2-rbe{bits}b{block}"
-        _, rows = rewrite(fp32_dir / "model.onnx", rbe_dir / "model.onnx", bits=bits, block_size=block)
-        if bits == 4:
-            print_report(rows, f"rewrite {bits}-bit, block {block}")
-        variants[f"rbe {bits}b/{block}"] = (rbe_dir, rows)
+    for bits, block, calibrate in ((4, 64, False), (4, 128, True), (3, 256, True)):
+        name = f"rbe {bits}b/{block}" + (" calibrated" if calibrate else "")
+        rbe_dir = out / name.replace(" ", "-").replace("/", "b")
+        _, rows = rewrite(fp32_dir / "model.onnx", rbe_dir / "model.onnx", bits=bits, block_size=block,
+                          calibrate=calibrate)
+        if calibrate and bits == 4:
+            print_report(rows, f"rewrite {name}")
+        variants[name] = (rbe_dir, rows)
 
     from tokenizers import Tokenizer
 
@@ -63,8 +65,8 @@ def main() -> None:
                       f"{q.get('kl', 0.0):.2e}", f"{q.get('top1', 1.0):.4f}", f"{gen.prefill_ms:.1f}",
                       f"{gen.decode_ms_median:.2f}")
     console.print(table)
-    console.print("bpw counts codes + seeds + scale0 over the rewritten MatMul/Gemm weights; the token and "
-                  "position embeddings stay fp32 (RBEGather is future work), so 'files' includes them.")
+    console.print("bpw counts codes + seeds + scale0 over every compressed tensor: the MatMul/Gemm weights and the "
+                  "token/position embeddings (RBEGather; the tied lm_head shares the token table's codes).")
 
 
 if __name__ == "__main__":

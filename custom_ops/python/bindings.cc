@@ -6,6 +6,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -34,21 +37,94 @@ Weight make_weight(const I64& seeds, const U8& codes, int64_t K, int64_t N, int6
   return out;
 }
 
+// Worker threads started once and parked between calls (as ORT's intra-op pool keeps its threads), so
+// that a kernel timed from Python measures the kernel, not thread start-up. The calling thread works too.
+class Pool {
+ public:
+  static Pool& instance() {
+    static Pool pool;
+    return pool;
+  }
+
+  void run(int threads, size_t n, const std::function<void(size_t)>& task) {
+    std::lock_guard<std::mutex> one_call(call_mu_);
+    const size_t helpers = std::min<size_t>(static_cast<size_t>(std::max(threads, 1) - 1), n > 0 ? n - 1 : 0);
+    while (workers_.size() < helpers) {
+      const size_t id = workers_.size();
+      workers_.emplace_back([this, id] { loop(id); });
+    }
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      task_ = &task;
+      n_ = n;
+      next_ = 0;
+      helpers_ = helpers;
+      busy_ = helpers;
+      error_ = nullptr;
+      ++generation_;
+    }
+    wake_.notify_all();
+    work();
+    std::unique_lock<std::mutex> lk(mu_);
+    done_.wait(lk, [&] { return busy_ == 0; });
+    if (error_) std::rethrow_exception(error_);
+  }
+
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
+ private:
+  void work() {
+    try {
+      for (size_t i; (i = next_.fetch_add(1)) < n_;) (*task_)(i);
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (!error_) error_ = std::current_exception();
+      next_ = n_;
+    }
+  }
+
+  void loop(size_t id) {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        wake_.wait(lk, [&] { return stop_ || (generation_ != seen && id < helpers_); });
+        if (stop_) return;
+        seen = generation_;
+      }
+      work();
+      std::lock_guard<std::mutex> lk(mu_);
+      if (--busy_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex call_mu_, mu_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(size_t)>* task_ = nullptr;
+  size_t n_ = 0, helpers_ = 0, busy_ = 0;
+  std::atomic<size_t> next_{0};
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+  std::exception_ptr error_;
+};
+
 rbe::ParallelFor thread_pool(int threads) {
   return [threads](size_t n, const std::function<void(size_t)>& task) {
-    const size_t workers = std::min<size_t>(std::max(threads, 1), n);
-    if (workers <= 1) return rbe::serial_for(n, task);
-    std::atomic<size_t> next{0};
-    std::vector<std::thread> pool;
-    for (size_t t = 0; t < workers; ++t)
-      pool.emplace_back([&] {
-        for (size_t i; (i = next.fetch_add(1)) < n;) task(i);
-      });
-    for (auto& th : pool) th.join();
+    if (threads <= 1 || n <= 1) return rbe::serial_for(n, task);
+    Pool::instance().run(threads, n, task);
   };
 }
 
-py::array_t<float> gemm(const Weight& self, const F32& a, py::object bias, const std::string& isa, int threads) {
+py::array_t<float> gemm(const Weight& self, const F32& a, py::object bias, const std::string& isa, int threads,
+                        int accuracy_level) {
   const rbe::WeightShape& s = self.w.shape;
   if (a.ndim() != 2 || a.shape(1) != s.K)
     throw rbe::FormatError("A must be 2-D with K=" + std::to_string(s.K) + " columns");
@@ -63,9 +139,24 @@ py::array_t<float> gemm(const Weight& self, const F32& a, py::object bias, const
   const float* bp = bias.is_none() ? nullptr : b.data();
   {
     py::gil_scoped_release release;
-    rbe::gemm(self.w, a.data(), M, bp, y.mutable_data(), which, thread_pool(threads));
+    rbe::gemm(self.w, a.data(), M, bp, y.mutable_data(), which, thread_pool(threads), accuracy_level);
   }
   return y;
+}
+
+// accuracy_level 4's activation quantization (FORMAT.md §2.1) of an M x K array: (q [M, nb·block_size] int8,
+// scale [M, nb] float32, qsum [M, nb] int32).
+py::tuple quantize_int8(const F32& a, int64_t block_size) {
+  if (a.ndim() != 2) throw rbe::FormatError("A must be 2-D");
+  if (!rbe::is_supported_block_size(block_size)) throw rbe::FormatError("unsupported block_size");
+  const int64_t M = a.shape(0), K = a.shape(1), nb = (K + block_size - 1) / block_size;
+  py::array_t<int8_t> q({M, nb * block_size});
+  py::array_t<float> scale({M, nb});
+  py::array_t<int32_t> qsum({M, nb});
+  for (int64_t m = 0; m < M; ++m)
+    rbe::quantize_row_int8(a.data() + m * K, K, block_size, q.mutable_data() + m * nb * block_size,
+                           scale.mutable_data() + m * nb, qsum.mutable_data() + m * nb);
+  return py::make_tuple(q, scale, qsum);
 }
 
 py::array_t<float> decode(const Weight& self) {
@@ -83,9 +174,10 @@ PYBIND11_MODULE(_kernels, m) {
       .def(py::init(&make_weight), py::arg("seeds"), py::arg("codes"), py::arg("K"), py::arg("N"),
            py::arg("block_size"), py::arg("bits"), py::arg("scale0"))
       .def("gemm", &gemm, py::arg("a"), py::arg("bias") = py::none(), py::arg("isa") = "auto",
-           py::arg("threads") = 1)
+           py::arg("threads") = 1, py::arg("accuracy_level") = 0)
       .def("decode", &decode);
   m.def("level_table", &rbe::level_table, py::arg("bits"), py::arg("theta"));
+  m.def("quantize_int8", &quantize_int8, py::arg("a"), py::arg("block_size"));
   m.def("isa_available", [](const std::string& n) { return rbe::isa_available(rbe::isa_from_name(n)); });
   m.def("best_isa", [] { return std::string(rbe::isa_name(rbe::best_isa())); });
 }

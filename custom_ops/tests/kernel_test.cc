@@ -5,6 +5,9 @@
 //   1. the scalar kernel against that direct double-precision product,
 //   2. every other available ISA (AVX2 on x86, NEON on aarch64) against the scalar kernel,
 // both to max|diff| <= 1e-5 · max|ref|, and that malformed inputs throw rbe::FormatError.
+// The int8 path (accuracy_level 4) the same way: the test quantizes the activations itself (FORMAT.md §2.1;
+// the library's quantize_row_int8 must match it bit for bit), computes the integer block sums directly, and
+// checks the scalar int8 kernel against that and every SIMD ISA's int8 path against the scalar one.
 // Prints `kernel_test: N passed, M failed` and exits non-zero on any failure.
 #include <algorithm>
 #include <cmath>
@@ -126,7 +129,127 @@ std::string describe(const Case& c, int64_t M, const std::string& what) {
          " K=" + std::to_string(c.K) + " N=" + std::to_string(c.N) + " M=" + std::to_string(M) + ": " + what;
 }
 
-void test_gemm(const Case& c, const std::vector<rbe::Isa>& simd, double* worst) {
+// FORMAT.md §2.1, written from the spec: per row and block, amax = max|a| (0 past K); s = amax/127 and
+// q = round-half-even(a · (127/amax)) in float32; a non-finite value makes s NaN and q 0; amax = 0 gives 0.
+struct Quantized {
+  std::vector<int8_t> q;      // M x nb·bs
+  std::vector<float> scale;   // M x nb
+  std::vector<int32_t> qsum;  // M x nb
+};
+
+Quantized quantize_spec(const std::vector<float>& A, int64_t M, int64_t K, int64_t bs) {
+  const int64_t nb = (K + bs - 1) / bs, Kp = nb * bs;
+  Quantized out;
+  out.q.assign(static_cast<size_t>(M * Kp), 0);
+  out.scale.assign(static_cast<size_t>(M * nb), 0.f);
+  out.qsum.assign(static_cast<size_t>(M * nb), 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < nb; ++b) {
+      float amax = 0.f;
+      bool finite = true;
+      for (int64_t k = b * bs; k < std::min(K, (b + 1) * bs); ++k) {
+        const float a = A[m * K + k];
+        if (!std::isfinite(a)) finite = false;
+        else amax = std::max(amax, std::fabs(a));
+      }
+      if (!finite) { out.scale[m * nb + b] = NAN; continue; }
+      if (amax == 0.f) continue;
+      const volatile float inv = 127.f / amax;  // volatile: one float32 product, never fused
+      out.scale[m * nb + b] = amax / 127.f;
+      int32_t sum = 0;
+      for (int64_t k = b * bs; k < std::min(K, (b + 1) * bs); ++k) {
+        const volatile float x = A[m * K + k] * inv;
+        const int v = static_cast<int>(std::nearbyint(x));  // default rounding mode: half to even
+        out.q[m * Kp + k] = static_cast<int8_t>(std::clamp(v, -127, 127));
+        sum += out.q[m * Kp + k];
+      }
+      out.qsum[m * nb + b] = sum;
+    }
+  return out;
+}
+
+void test_gemm_int8(const Case& c, const RandomWeight& rw, const rbe::PreparedWeight& w, const std::vector<float>& bias,
+                    const std::vector<rbe::Isa>& simd, std::mt19937_64& rng, double* worst) {
+  const int64_t nb = rw.shape.blocks_per_column(), bs = c.block_size, Kp = nb * bs;
+  std::normal_distribution<float> normal(0.f, 1.f);
+  for (int64_t M : {1, 2, 3, 4, 5, 7, 13, 64}) {
+    std::vector<float> A(static_cast<size_t>(M * c.K));
+    for (auto& v : A) v = normal(rng);
+    if (M == 7) {  // an all-zero block, an exact .5 tie and a NaN row: the edge cases of §2.1
+      for (int64_t k = 0; k < std::min<int64_t>(bs, c.K); ++k) A[k] = 0.f;
+      if (c.K > 2) { A[c.K + 0] = 127.f; A[c.K + 1] = 0.5f; A[c.K + 2] = -2.5f; }
+      A[6 * c.K + c.K / 2] = NAN;
+    }
+    const Quantized qz = quantize_spec(A, M, c.K, bs);
+    // The library's quantizer, bit for bit.
+    std::vector<int8_t> q(static_cast<size_t>(Kp));
+    std::vector<float> scale(static_cast<size_t>(nb));
+    std::vector<int32_t> qsum(static_cast<size_t>(nb));
+    bool same = true;
+    for (int64_t m = 0; m < M; ++m) {
+      rbe::quantize_row_int8(A.data() + m * c.K, c.K, bs, q.data(), scale.data(), qsum.data());
+      for (int64_t k = 0; k < Kp; ++k) same = same && q[k] == qz.q[m * Kp + k];
+      for (int64_t b = 0; b < nb; ++b) {
+        const float want = qz.scale[m * nb + b];
+        same = same && (std::isnan(want) ? std::isnan(scale[b]) : scale[b] == want) && qsum[b] == qz.qsum[m * nb + b];
+      }
+    }
+    report(same, describe(c, M, "int8: quantize_row_int8 equals the spec"));
+    // Direct: Σ_b d·s·Σ_k (L[c_k] + o)·q_k with the weight's own decoded (L + o)·d = W, so (L + o) = W/d.
+    std::vector<double> direct(static_cast<size_t>(M * c.N));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < c.N; ++n) {
+        double acc = bias[n];
+        for (int64_t b = 0; b < nb; ++b) {
+          const double d = w.scale[n * nb + b];
+          int64_t dot = 0;
+          for (int64_t k = b * bs; k < std::min(c.K, (b + 1) * bs); ++k)
+            dot += std::llround(rw.W[k * c.N + n] / d) * qz.q[m * Kp + k];
+          acc += d * static_cast<double>(qz.scale[m * nb + b]) * static_cast<double>(dot);
+        }
+        direct[m * c.N + n] = acc;
+      }
+    std::vector<float> ref(static_cast<size_t>(M * c.N), NAN);
+    double rel = 0.0;
+    rbe::gemm(w, A.data(), M, bias.data(), ref.data(), rbe::Isa::Scalar, rbe::serial_for, rbe::kAccuracyInt8);
+    // NaN rows compare as NaN == NaN; the rest to the usual tolerance.
+    auto finite_part = [&](const std::vector<float>& y, std::vector<float>* yf, std::vector<double>* rf,
+                           const std::vector<double>& r, bool* nan_ok) {
+      *nan_ok = true;
+      for (size_t i = 0; i < r.size(); ++i) {
+        if (std::isnan(r[i])) { *nan_ok = *nan_ok && std::isnan(y[i]); continue; }
+        yf->push_back(y[i]);
+        rf->push_back(r[i]);
+      }
+    };
+    {
+      std::vector<float> yf;
+      std::vector<double> rf;
+      bool nan_ok;
+      finite_part(ref, &yf, &rf, direct, &nan_ok);
+      report(nan_ok && close(yf, rf, &rel), describe(c, M, "int8: scalar vs direct, rel " + std::to_string(rel)));
+    }
+    const std::vector<double> ref_d(ref.begin(), ref.end());
+    for (rbe::Isa isa : simd) {
+      std::vector<float> Y(static_cast<size_t>(M * c.N), -12345.f);
+      try {
+        rbe::gemm(w, A.data(), M, bias.data(), Y.data(), isa, rbe::serial_for, rbe::kAccuracyInt8);
+      } catch (const std::exception& e) {
+        report(false, describe(c, M, std::string("int8: ") + rbe::isa_name(isa) + " threw: " + e.what()));
+        continue;
+      }
+      std::vector<float> yf;
+      std::vector<double> rf;
+      bool nan_ok;
+      finite_part(Y, &yf, &rf, ref_d, &nan_ok);
+      const bool ok = nan_ok && close(yf, rf, &rel);
+      *worst = std::max(*worst, rel);
+      report(ok, describe(c, M, std::string("int8: ") + rbe::isa_name(isa) + " vs scalar, rel " + std::to_string(rel)));
+    }
+  }
+}
+
+void test_gemm(const Case& c, const std::vector<rbe::Isa>& simd, double* worst, double* worst_int8) {
   std::mt19937_64 rng(static_cast<uint64_t>(c.bits * 1000003 + c.block_size * 1009 + c.K * 31 + c.N));
   const RandomWeight rw = random_weight(c, rng);
   rbe::PreparedWeight w;
@@ -168,6 +291,7 @@ void test_gemm(const Case& c, const std::vector<rbe::Isa>& simd, double* worst) 
       report(ok, describe(c, M, std::string(rbe::isa_name(isa)) + " vs scalar, rel " + std::to_string(rel)));
     }
   }
+  test_gemm_int8(c, rw, w, bias, simd, rng, worst_int8);
 }
 
 void expect_format_error(const std::string& what, const std::function<void()>& fn) {
@@ -242,7 +366,14 @@ void test_malformed() {
   });
 
   expect_format_error("unknown ISA name", [] { rbe::isa_from_name("sse9"); });
-  for (rbe::Isa isa : {rbe::Isa::Avx2, rbe::Isa::Neon})
+  expect_format_error("accuracy_level=5", [&] {
+    const rbe::PreparedWeight w = rbe::prepare_weight(good.shape, good.seeds.data(),
+                                                      static_cast<int64_t>(good.seeds.size()), good.codes.data(),
+                                                      nbytes);
+    std::vector<float> A(static_cast<size_t>(good.shape.K), 1.f), Y(static_cast<size_t>(good.shape.N));
+    rbe::gemm(w, A.data(), 1, nullptr, Y.data(), rbe::Isa::Scalar, rbe::serial_for, 5);
+  });
+  for (rbe::Isa isa : {rbe::Isa::Avx2, rbe::Isa::Avx2Vnni, rbe::Isa::Neon})
     if (!rbe::isa_available(isa)) {
       expect_format_error(std::string("gemm on unavailable ISA ") + rbe::isa_name(isa), [&] {
         const rbe::PreparedWeight w = rbe::prepare_weight(good.shape, good.seeds.data(),
@@ -258,7 +389,7 @@ void test_malformed() {
 int main() {
   std::vector<rbe::Isa> simd;
   std::string isas = "scalar";
-  for (rbe::Isa isa : {rbe::Isa::Avx2, rbe::Isa::Neon})
+  for (rbe::Isa isa : {rbe::Isa::Avx2, rbe::Isa::Avx2Vnni, rbe::Isa::Neon})
     if (rbe::isa_available(isa)) {
       simd.push_back(isa);
       isas += std::string(" ") + rbe::isa_name(isa);
@@ -269,11 +400,12 @@ int main() {
   // K: a whole number of blocks for some sizes, a tail block for others (77, 100, 1000), a single
   // value (1). N: partial 16-column tiles and partial 4-column decode groups (19, 33), whole tiles (48).
   const int64_t shapes[][2] = {{1, 5}, {77, 19}, {100, 33}, {256, 48}, {1000, 40}};
-  double worst = 0.0;
+  double worst = 0.0, worst_int8 = 0.0;
   for (int bits : {2, 3, 4, 8})
     for (int block_size : {32, 64, 128, 256})
-      for (const auto& kn : shapes) test_gemm(Case{bits, block_size, kn[0], kn[1]}, simd, &worst);
-  if (!simd.empty()) std::printf("kernel_test: worst SIMD rel error vs scalar: %.3g\n", worst);
+      for (const auto& kn : shapes) test_gemm(Case{bits, block_size, kn[0], kn[1]}, simd, &worst, &worst_int8);
+  if (!simd.empty())
+    std::printf("kernel_test: worst SIMD rel error vs scalar: float %.3g, int8 %.3g\n", worst, worst_int8);
   test_malformed();
 
   std::printf("kernel_test: %d passed, %d failed\n", g_passed, g_failed);

@@ -259,4 +259,6 @@ def export_gpt2(model_dir: str | Path, out_dir: str | Path, *, opset: int = 17,
         "model_type": "gpt2", "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
         "head_dim": cfg.n_embd // cfg.n_head, "n_positions": cfg.n_positions, "vocab_size": cfg.vocab_size,
         "eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.bos_token_id})
+    from .genai_config import write_genai_config  # onnxruntime-genai: config, tokenizer files, op library copy
+    write_genai_config(out_dir, model_dir)
     return out_path

@@ -1,17 +1,20 @@
-"""A minimal KV-cached greedy loop (batch 1): prefill once, then one token per step feeding the presents back."""
+"""`greedy_generate`: batch-1 greedy token generation from a session, the entry point of tools/demo.py and
+tools/bench.py, running on the same KV-bound loop as `Generator` (no tokenizer needed)."""
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .feeds import Gpt2Shape, prefill_feeds
+from .feeds import Gpt2Shape
+from .kv_binding import BoundGpt2
+from .sampling import Sampler, SamplingConfig
+from .token_loop import TokenLoop
 
 
 @dataclass
 class GreedyResult:
-    tokens: list[int]
+    tokens: list[int]  # ends with the EOS id if the model produced it
     prefill_ms: float
     decode_ms: list[float] = field(default_factory=list)
 
@@ -21,30 +24,10 @@ class GreedyResult:
 
 
 def greedy_generate(session, shape: Gpt2Shape, prompt_ids: list[int], max_new_tokens: int) -> GreedyResult:
-    if not prompt_ids:
-        raise ValueError("prompt is empty: at least one token is needed")
-    if len(prompt_ids) + max_new_tokens > shape.n_positions:
-        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + {max_new_tokens} new tokens exceeds the "
-                         f"model's context of {shape.n_positions} positions")
-    outputs = [o.name for o in session.get_outputs()]
-    feeds = prefill_feeds(shape, np.array([prompt_ids], dtype=np.int64))
-    t0 = time.perf_counter()
-    result = dict(zip(outputs, session.run(outputs, feeds)))
-    out = GreedyResult(tokens=[], prefill_ms=1e3 * (time.perf_counter() - t0))
-    length = len(prompt_ids)
-    for step in range(max_new_tokens):
-        token = int(result["logits"][0, -1].argmax())
-        out.tokens.append(token)
-        if token == shape.eos_token_id or step == max_new_tokens - 1:
-            break
-        feeds = {"input_ids": np.array([[token]], dtype=np.int64),
-                 "attention_mask": np.ones((1, length + 1), dtype=np.int64),
-                 "position_ids": np.array([[length]], dtype=np.int64)}
-        for i in range(shape.n_layer):
-            feeds[f"past_key_values.{i}.key"] = result[f"present.{i}.key"]
-            feeds[f"past_key_values.{i}.value"] = result[f"present.{i}.value"]
-        t0 = time.perf_counter()
-        result = dict(zip(outputs, session.run(outputs, feeds)))
-        out.decode_ms.append(1e3 * (time.perf_counter() - t0))
-        length += 1
-    return out
+    """Up to `max_new_tokens` argmax tokens after `prompt_ids`, stopping at the model's EOS."""
+    prompts = [list(prompt_ids)]
+    loop = TokenLoop(BoundGpt2(session, shape), prompts, max_new_tokens=max_new_tokens,
+                     sampler=Sampler(SamplingConfig.greedy(), prompts, shape.vocab_size),
+                     eos_token_id=shape.eos_token_id)
+    tokens = [int(step[0]) for step, _ in loop]
+    return GreedyResult(tokens=tokens, prefill_ms=loop.prefill_ms, decode_ms=loop.decode_ms)

@@ -1,13 +1,45 @@
 // One entry point over the per-ISA kernels (as MLAS does): pads the activations to whole blocks, computes
-// block sums once, splits the output columns into tasks and runs them through the caller's thread pool.
+// block sums once (float path) or quantizes them to int8 once (accuracy_level 4), splits the output columns
+// into tasks and runs them through the caller's thread pool. Also home of the int8 path's scalar reference.
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#include <emmintrin.h>
+#define RBE_X86_SSE2 1
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#define RBE_ARM_NEON 1
+#endif
 
 #include "kernels_internal.h"
 #include "rbe/kernels.h"
 
 namespace rbe {
+
+namespace {
+
+// AVX-VNNI (VEX-encoded VPDPBUSD): CPUID leaf 7, sub-leaf 1, EAX bit 4. The OS-saved YMM state it needs is
+// the one AVX2 needs, which __builtin_cpu_supports("avx2") has already checked. Asked once: CPUID traps to
+// the hypervisor in a VM (tens of microseconds), and gemm() checks availability on every call.
+bool cpu_has_avx_vnni() {
+#if defined(RBE_X86_SSE2)
+  static const bool has = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return false;
+    return ((eax >> 4) & 1u) != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
 
 bool isa_available(Isa isa) {
   switch (isa) {
@@ -15,6 +47,12 @@ bool isa_available(Isa isa) {
     case Isa::Avx2:
 #if defined(RBE_HAVE_AVX2)
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+      return false;
+#endif
+    case Isa::Avx2Vnni:
+#if defined(RBE_HAVE_AVX2)
+      return isa_available(Isa::Avx2) && cpu_has_avx_vnni();
 #else
       return false;
 #endif
@@ -29,6 +67,7 @@ bool isa_available(Isa isa) {
 }
 
 Isa best_isa() {
+  if (isa_available(Isa::Avx2Vnni)) return Isa::Avx2Vnni;
   if (isa_available(Isa::Avx2)) return Isa::Avx2;
   if (isa_available(Isa::Neon)) return Isa::Neon;
   return Isa::Scalar;
@@ -37,6 +76,7 @@ Isa best_isa() {
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Avx2: return "avx2";
+    case Isa::Avx2Vnni: return "avxvnni";
     case Isa::Neon: return "neon";
     default: return "scalar";
   }
@@ -44,9 +84,9 @@ const char* isa_name(Isa isa) {
 
 Isa isa_from_name(const std::string& name) {
   if (name == "auto") return best_isa();
-  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Neon})
+  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx2Vnni, Isa::Neon})
     if (name == isa_name(isa)) return isa;
-  throw FormatError("unknown kernel ISA '" + name + "' (scalar, avx2, neon or auto)");
+  throw FormatError("unknown kernel ISA '" + name + "' (scalar, avx2, avxvnni, neon or auto)");
 }
 
 void serial_for(size_t n, const std::function<void(size_t)>& task) {
@@ -55,28 +95,187 @@ void serial_for(size_t n, const std::function<void(size_t)>& task) {
 
 #if !defined(RBE_HAVE_AVX2)
 void gemm_columns_avx2(const GemmProblem&, int64_t, int64_t) { throw FormatError("AVX2 kernel not built"); }
+void gemm_columns_avx2vnni(const GemmProblem&, int64_t, int64_t) { throw FormatError("AVX2 kernel not built"); }
 #endif
 #if !defined(RBE_HAVE_NEON)
 void gemm_columns_neon(const GemmProblem&, int64_t, int64_t) { throw FormatError("NEON kernel not built"); }
 #endif
 
+bool is_supported_accuracy_level(int64_t level) { return level >= 0 && level <= 4; }
+
+// FORMAT.md §2.1. The same code quantizes for every ISA, so the int8 path's integers are identical across
+// kernels. Rounding is half to even (the FPU's default mode: cvtps2dq / fcvtns / nearbyint); the product
+// a·(127/amax) is one float32 multiplication (no fused multiply-add can change it).
+void quantize_row_int8(const float* a, int64_t K, int64_t bs, int8_t* q, float* scale, int32_t* qsum) {
+  const int64_t nb = (K + bs - 1) / bs;
+  alignas(16) float tail[256];
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t k0 = b * bs, valid = std::min(bs, K - k0);
+    const float* x = a + k0;
+    if (valid < bs) {
+      std::fill(std::copy(x, x + valid, tail), tail + bs, 0.f);
+      x = tail;
+    }
+    int8_t* qb = q + k0;
+    float amax = 0.f;
+    bool finite = true;
+#if defined(RBE_X86_SSE2)
+    {
+      const __m128 abs_mask = _mm_castsi128_ps(_mm_set1_epi32(0x7FFFFFFF));
+      const __m128 big = _mm_set1_ps(std::numeric_limits<float>::max());
+      __m128 m = _mm_setzero_ps(), bad = _mm_setzero_ps();
+      for (int64_t i = 0; i < bs; i += 4) {
+        const __m128 v = _mm_and_ps(_mm_loadu_ps(x + i), abs_mask);
+        bad = _mm_or_ps(bad, _mm_cmpnle_ps(v, big));  // NaN or ±Inf
+        m = _mm_max_ps(m, v);
+      }
+      m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+      m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+      amax = _mm_cvtss_f32(m);
+      finite = _mm_movemask_ps(bad) == 0;
+    }
+#else
+    for (int64_t i = 0; i < bs; ++i) {
+      const float v = std::fabs(x[i]);
+      if (!(v <= std::numeric_limits<float>::max())) finite = false;
+      else amax = std::max(amax, v);
+    }
+#endif
+    if (!finite || amax == 0.f) {
+      // A non-finite activation makes the block's scale NaN (every output of the row becomes NaN); an
+      // all-zero block contributes nothing.
+      scale[b] = finite ? 0.f : std::numeric_limits<float>::quiet_NaN();
+      qsum[b] = 0;
+      std::fill(qb, qb + bs, int8_t{0});
+      continue;
+    }
+    const float inv = 127.f / amax;
+    scale[b] = amax / 127.f;
+    int32_t sum = 0;
+#if defined(RBE_X86_SSE2)
+    {
+      const __m128 vinv = _mm_set1_ps(inv);
+      __m128i s = _mm_setzero_si128();
+      for (int64_t i = 0; i < bs; i += 16) {
+        const __m128i i0 = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(x + i), vinv));
+        const __m128i i1 = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(x + i + 4), vinv));
+        const __m128i i2 = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(x + i + 8), vinv));
+        const __m128i i3 = _mm_cvtps_epi32(_mm_mul_ps(_mm_loadu_ps(x + i + 12), vinv));
+        s = _mm_add_epi32(s, _mm_add_epi32(_mm_add_epi32(i0, i1), _mm_add_epi32(i2, i3)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qb + i),
+                         _mm_packs_epi16(_mm_packs_epi32(i0, i1), _mm_packs_epi32(i2, i3)));
+      }
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+      sum = _mm_cvtsi128_si32(s);
+    }
+#elif defined(RBE_ARM_NEON)
+    {
+      int32x4_t s = vdupq_n_s32(0);
+      for (int64_t i = 0; i < bs; i += 8) {
+        const int32x4_t i0 = vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x + i), inv));
+        const int32x4_t i1 = vcvtnq_s32_f32(vmulq_n_f32(vld1q_f32(x + i + 4), inv));
+        s = vaddq_s32(s, vaddq_s32(i0, i1));
+        vst1_s8(qb + i, vqmovn_s16(vcombine_s16(vqmovn_s32(i0), vqmovn_s32(i1))));
+      }
+      sum = vaddvq_s32(s);
+    }
+#else
+    for (int64_t i = 0; i < bs; ++i) {
+      const float r = std::nearbyint(x[i] * inv);
+      const int v = static_cast<int>(std::min(127.f, std::max(-127.f, r)));
+      qb[i] = static_cast<int8_t>(v);
+      sum += v;
+    }
+#endif
+    qsum[b] = sum;
+  }
+}
+
+// Scalar reference of the int8 path: the block dot products in integers, exactly as FORMAT.md §2.1 writes
+// them, summed in double.
+void gemm_columns_scalar_int8(const GemmProblem& p, int64_t n0, int64_t n1) {
+  const PreparedWeight& w = *p.w;
+  const WeightShape& s = w.shape;
+  const int64_t nb = s.blocks_per_column(), Kp = s.padded_K(), bs = s.block_size;
+  std::vector<uint8_t> codes(static_cast<size_t>(bs));
+  std::vector<double> acc(static_cast<size_t>(p.M));
+  for (int64_t n = n0; n < n1; ++n) {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t blk = n * nb + b;
+      unpack_block_codes(w.codes + blk * s.block_bytes(), static_cast<int>(s.bits), static_cast<int>(bs),
+                         codes.data());
+      const std::vector<int>& L = w.levels[w.theta[blk]];
+      const int32_t o = static_cast<int32_t>(w.offset[blk]);
+      for (int64_t m = 0; m < p.M; ++m) {
+        const int8_t* q = p.a_q + m * Kp + b * bs;
+        int32_t dot = 0;
+        for (int64_t i = 0; i < bs; ++i) dot += L[codes[i]] * q[i];
+        dot += o * p.a_qsum[m * nb + b];
+        acc[m] += static_cast<double>(w.scale[blk]) * static_cast<double>(p.a_scale[m * nb + b]) * dot;
+      }
+    }
+    for (int64_t m = 0; m < p.M; ++m)
+      p.Y[m * s.N + n] = static_cast<float>(acc[m] + (p.bias ? p.bias[n] : 0.f));
+  }
+}
+
 void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias, float* Y, Isa isa,
-          const ParallelFor& parallel_for) {
+          const ParallelFor& parallel_for, int accuracy_level) {
   if (!isa_available(isa)) throw FormatError(std::string("kernel ISA ") + isa_name(isa) + " not available here");
+  if (!is_supported_accuracy_level(accuracy_level))
+    throw FormatError("accuracy_level=" + std::to_string(accuracy_level) + " unsupported (0 to 4)");
   if (M <= 0) return;
   const WeightShape& s = w.shape;
   const int64_t nb = s.blocks_per_column(), Kp = s.padded_K();
-  std::vector<float> a_pad(static_cast<size_t>(M * Kp), 0.f), a_sums(static_cast<size_t>(M * nb));
-  for (int64_t m = 0; m < M; ++m) {
-    std::copy(A + m * s.K, A + (m + 1) * s.K, a_pad.begin() + m * Kp);
-    for (int64_t b = 0; b < nb; ++b) {
-      float sum = 0.f;
-      for (int64_t i = 0; i < s.block_size; ++i) sum += a_pad[m * Kp + b * s.block_size + i];
-      a_sums[m * nb + b] = sum;
+  std::vector<float> a_pad, a_sums, a_scale, a_qsum_scaled;
+  std::vector<int8_t> a_q;
+  std::vector<int32_t> a_qsum, a_qsum_init;
+  GemmProblem p{&w, nullptr, nullptr, M, bias, Y, nullptr, nullptr, nullptr, nullptr, nullptr};
+  if (accuracy_level == kAccuracyInt8) {
+    a_q.resize(static_cast<size_t>(M * Kp));
+    a_scale.resize(static_cast<size_t>(M * nb));
+    a_qsum.resize(static_cast<size_t>(M * nb));
+    a_qsum_scaled.resize(static_cast<size_t>(M * nb));
+    a_qsum_init.resize(static_cast<size_t>(M * nb));
+    auto quantize = [&](size_t m) {
+      quantize_row_int8(A + m * s.K, s.K, s.block_size, a_q.data() + m * Kp, a_scale.data() + m * nb,
+                        a_qsum.data() + m * nb);
+      for (int64_t b = 0; b < nb; ++b) {
+        a_qsum_scaled[m * nb + b] = a_scale[m * nb + b] * static_cast<float>(a_qsum[m * nb + b]);
+        a_qsum_init[m * nb + b] = -128 * a_qsum[m * nb + b];
+      }
+    };
+    if (M * Kp >= (int64_t{1} << 16)) parallel_for(static_cast<size_t>(M), quantize);
+    else serial_for(static_cast<size_t>(M), quantize);
+    p.a_q = a_q.data();
+    p.a_scale = a_scale.data();
+    p.a_qsum = a_qsum.data();
+    p.a_qsum_scaled = a_qsum_scaled.data();
+    p.a_qsum_init = a_qsum_init.data();
+  } else {
+    a_pad.assign(static_cast<size_t>(M * Kp), 0.f);
+    a_sums.resize(static_cast<size_t>(M * nb));
+    for (int64_t m = 0; m < M; ++m) {
+      std::copy(A + m * s.K, A + (m + 1) * s.K, a_pad.begin() + m * Kp);
+      for (int64_t b = 0; b < nb; ++b) {
+        float sum = 0.f;
+        for (int64_t i = 0; i < s.block_size; ++i) sum += a_pad[m * Kp + b * s.block_size + i];
+        a_sums[m * nb + b] = sum;
+      }
     }
+    p.a_pad = a_pad.data();
+    p.a_sums = a_sums.data();
   }
-  const GemmProblem p{&w, a_pad.data(), a_sums.data(), M, bias, Y};
-  auto kernel = isa == Isa::Avx2 ? gemm_columns_avx2 : isa == Isa::Neon ? gemm_columns_neon : gemm_columns_scalar;
+  const bool int8 = p.a_q != nullptr;
+  void (*kernel)(const GemmProblem&, int64_t, int64_t) = nullptr;
+  switch (isa) {
+    case Isa::Avx2: kernel = gemm_columns_avx2; break;
+    case Isa::Avx2Vnni: kernel = gemm_columns_avx2vnni; break;
+    case Isa::Neon: kernel = gemm_columns_neon; break;
+    default: kernel = int8 ? gemm_columns_scalar_int8 : gemm_columns_scalar; break;
+  }
   // Column chunks: whole 16-column tiles, small enough to balance the pool, large enough to amortise a task.
   const int64_t chunk = M <= 4 ? 64 : 32;
   const int64_t tasks = (s.N + chunk - 1) / chunk;

@@ -7,6 +7,7 @@
 // M > 1 (prefill): a tile of 16 columns is decoded into a cache-resident [K][16] float buffer (four
 // columns at a time, transposed in registers so every store is a whole vector) that feeds a 4-row x
 // 16-column FMA micro-kernel, so each weight is decoded once per tile, not once per row.
+// The int8 path (accuracy_level 4) is at the end of the file.
 #include <arm_neon.h>
 
 #include <algorithm>
@@ -265,9 +266,88 @@ void run(const GemmProblem& p, int64_t n0, int64_t n1) {
   else gemm_tiles<BITS>(p, n0, n1);
 }
 
+// ---- int8 path (accuracy_level 4, FORMAT.md §2.1) ------------------------------------------------------
+// The activations come quantized (q int8 in [-127, 127], one scale s and Σq per row and block). A group's
+// 32 int8 levels L (vqtbl1q_s8, as above) meet q through vmull_s8/vmlal_s8 (two products per int16 lane:
+// |L·q| <= 128·127, a pair fits int16) and vpadalq_s16 into int32: the block's Σ L·q exactly, as the
+// scalar reference computes it. Per block: Y += d·s·Σ L·q + d·o·(s·Σq).
+
+// acc += Σ over 16 lanes of l·q, pairwise into four int32 lanes.
+inline int32x4_t dot16(int32x4_t acc, int8x16_t l, int8x16_t q) {
+  int16x8_t pr = vmull_s8(vget_low_s8(l), vget_low_s8(q));
+  pr = vmlal_s8(pr, vget_high_s8(l), vget_high_s8(q));
+  return vpadalq_s16(acc, pr);
+}
+
+// Rows [m0, m0+R) against columns [n0, n1); each group of levels is decoded once for all R rows.
+template <int BITS, int R>
+void gemv_int8(const GemmProblem& p, int64_t m0, int64_t n0, int64_t n1) {
+  const PreparedWeight& w = *p.w;
+  const int64_t nb = w.shape.blocks_per_column(), bs = w.shape.block_size, bb = w.shape.block_bytes();
+  const int64_t Kp = w.shape.padded_K(), N = w.shape.N;
+  const int8_t* q = p.a_q + m0 * Kp;
+  const float* sa = p.a_scale + m0 * nb;
+  const float* soff = p.a_qsum_scaled + m0 * nb;
+  const int64_t column_bytes = nb * bb;
+  for (int64_t n = n0; n < n1; ++n) {
+    if (n + 2 < n1) {
+      const uint8_t* ahead = w.codes + (n + 2) * column_bytes;
+      for (int64_t off = 0; off < column_bytes; off += 64) __builtin_prefetch(ahead + off, 0, 3);
+    }
+    float32x4_t acc[R];
+    float offset_acc[R];
+    for (int r = 0; r < R; ++r) { acc[r] = vdupq_n_f32(0.f); offset_acc[r] = 0.f; }
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t blk = n * nb + b;
+      const uint8_t* codes = w.codes + blk * bb;
+      const int8x16_t lut = block_lut(w, blk);
+      int32x4_t d0[R], d1[R];
+      for (int r = 0; r < R; ++r) d0[r] = d1[r] = vdupq_n_s32(0);
+      for (int64_t g = 0; g < bs; g += 32) {
+        int8x16_t lo, hi;
+        group_levels<BITS>(codes + g * BITS / 8, lut, lo, hi);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* qg = q + r * Kp + b * bs + g;
+          d0[r] = dot16(d0[r], lo, vld1q_s8(qg));
+          d1[r] = dot16(d1[r], hi, vld1q_s8(qg + 16));
+        }
+      }
+      const float d = w.scale[blk], d_o = d * w.offset[blk];
+      for (int r = 0; r < R; ++r) {
+        acc[r] = vfmaq_n_f32(acc[r], vcvtq_f32_s32(vaddq_s32(d0[r], d1[r])), d * sa[r * nb + b]);
+        offset_acc[r] += d_o * soff[r * nb + b];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      p.Y[(m0 + r) * N + n] = vaddvq_f32(acc[r]) + offset_acc[r] + (p.bias ? p.bias[n] : 0.f);
+  }
+}
+
+// Any M: four rows at a time share each decoded group (a tile path like the float one would decode each
+// weight once per call instead of once per four rows; on ARM this path has not been tuned yet).
+template <int BITS>
+void run_int8(const GemmProblem& p, int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 4 <= p.M; m += 4) gemv_int8<BITS, 4>(p, m, n0, n1);
+  switch (p.M - m) {
+    case 3: gemv_int8<BITS, 3>(p, m, n0, n1); break;
+    case 2: gemv_int8<BITS, 2>(p, m, n0, n1); break;
+    case 1: gemv_int8<BITS, 1>(p, m, n0, n1); break;
+    default: break;
+  }
+}
+
 }  // namespace
 
 void gemm_columns_neon(const GemmProblem& p, int64_t n0, int64_t n1) {
+  if (p.a_q) {
+    switch (p.w->shape.bits) {
+      case 2: return run_int8<2>(p, n0, n1);
+      case 3: return run_int8<3>(p, n0, n1);
+      case 4: return run_int8<4>(p, n0, n1);
+      default: return run_int8<8>(p, n0, n1);
+    }
+  }
   switch (p.w->shape.bits) {
     case 2: return run<2>(p, n0, n1);
     case 3: return run<3>(p, n0, n1);

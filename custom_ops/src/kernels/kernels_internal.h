@@ -1,6 +1,8 @@
 // What the dispatcher hands each per-ISA kernel: activations already padded to whole blocks (so tail
 // blocks need no special case: padded codes meet zero activations) and their per-block sums (the offset o
 // of a block contributes d·o·Σa, computed once per row instead of once per weight).
+// On the int8 path (accuracy_level 4) the activations come quantized instead (FORMAT.md §2.1): int8 codes
+// q, a scale s and the integer sum Σq per row and block; a_pad and a_sums are then null.
 #pragma once
 
 #include "rbe/format.h"
@@ -9,16 +11,25 @@ namespace rbe {
 
 struct GemmProblem {
   const PreparedWeight* w;
-  const float* a_pad;   // M x padded_K
-  const float* a_sums;  // M x nb, sum of a_pad over each block
+  const float* a_pad;   // float path: M x padded_K
+  const float* a_sums;  // float path: M x nb, sum of a_pad over each block
   int64_t M;
   const float* bias;    // N or null
   float* Y;             // M x N
+  // int8 path only (null on the float path):
+  const int8_t* a_q;          // M x padded_K, zero past K
+  const float* a_scale;       // M x nb: s
+  const int32_t* a_qsum;      // M x nb: Σ q over the block
+  const float* a_qsum_scaled; // M x nb: s · Σ q (float), for the offset term d·o·s·Σq
+  const int32_t* a_qsum_init; // M x nb: -128 · Σ q, where a VNNI accumulator of Σ (L + 128)·q starts
 };
 
-// Each kernel computes columns [n0, n1) of Y for all M rows.
-void gemm_columns_scalar(const GemmProblem& p, int64_t n0, int64_t n1);
+// Each kernel computes columns [n0, n1) of Y for all M rows, on the float path or, when p.a_q is set, the
+// int8 path.
+void gemm_columns_scalar(const GemmProblem& p, int64_t n0, int64_t n1);  // float path only
+void gemm_columns_scalar_int8(const GemmProblem& p, int64_t n0, int64_t n1);
 void gemm_columns_avx2(const GemmProblem& p, int64_t n0, int64_t n1);
+void gemm_columns_avx2vnni(const GemmProblem& p, int64_t n0, int64_t n1);
 void gemm_columns_neon(const GemmProblem& p, int64_t n0, int64_t n1);
 
 }  // namespace rbe

@@ -1,5 +1,6 @@
 // The library's one registration point, found by ORT's RegisterCustomOpsLibrary(_V2) and by
 // SessionOptions.register_custom_ops_library.
+#include <initializer_list>
 #include <mutex>
 
 #include <onnxruntime_c_api.h>

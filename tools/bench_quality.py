@@ -1,0 +1,176 @@
+"""Quality vs size: ref-gpt2 (WikiText-2 test PPL, KL and top-1 vs fp32) and MiniLM (mean-pooled cosine vs
+fp32 on WikiText-2 test paragraphs) for RBE settings and ORT MatMulNBits RTN 4-bit (block 32 and 128, Gemm
+converted to MatMul+Add so it covers every layer; its embeddings stay fp32), all in one run. Writes the
+"Quality" section of BENCHMARKS.md and docs/quality.png.
+
+    python tools/bench_quality.py [--work DIR] [--windows 64] [--sentences 500]
+
+Bits/weight: RBE counts codes + seeds + scale0 over every compressed tensor, embeddings included; MatMulNBits
+counts codes + fp32 scales + 4-bit zero points over its MatMul weights (the fp32 embeddings it leaves are
+not in its figure, and are in the file size).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
+RBE_SETTINGS = [  # (label, bits, block, calibrate)
+    ("RBE 4b/64 RTN", 4, 64, False),
+    ("RBE 4b/128 calibrated", 4, 128, True),
+    ("RBE 3b/128 calibrated", 3, 128, True),
+    ("RBE 3b/256 calibrated", 3, 256, True),
+]
+
+
+def matmulnbits(src: Path, out: Path, block: int) -> float:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from rbe_onnx.compressor import copy_sidecar_files
+    from rbe_onnx.onnx_io import save_model
+    from rbe_onnx.passes.gemm_to_matmul import gemm_to_matmul
+
+    if not out.exists():
+        m = onnx.load(str(src))
+        gemm_to_matmul(m)
+        q = MatMulNBitsQuantizer(m, bits=4, block_size=block, is_symmetric=False, accuracy_level=4)
+        q.process()
+        save_model(q.model.model, out)
+        copy_sidecar_files(src.parent, out.parent)
+    return 4 + (32 + 4) / block
+
+
+def rbe(src: Path, out: Path, bits: int, block: int, calibrate: bool) -> float:
+    from rbe_onnx.compressor import read_report, rewrite, totals
+
+    if not out.exists():
+        rewrite(src, out, bits=bits, block_size=block, calibrate=calibrate, progress=False)
+    return totals(read_report(out))["bits_per_weight"]
+
+
+def files_mb(model: Path) -> float:
+    return sum(f.stat().st_size for f in model.parent.iterdir() if f.name.startswith(model.name)) / 1e6
+
+
+def gpt2_rows(work: Path, windows_n: int) -> list[dict]:
+    from rbe_onnx.evaluate import compare, wikitext_test_windows
+    from rbe_onnx.export import export_gpt2
+    from rbe_onnx.paths import shared_data_dir
+    from rbe_onnx.runtime import Gpt2Shape, make_session
+
+    fp32 = work / "gpt2-fp32" / "model.onnx"
+    if not fp32.exists():
+        export_gpt2(shared_data_dir() / "ref-gpt2", fp32.parent)
+    shape = Gpt2Shape.from_dir(fp32.parent)
+    windows = wikitext_test_windows(str(fp32.parent / "tokenizer.json"), shape.n_positions, windows_n)
+    reference = make_session(fp32, threads=2)
+    variants = [("fp32", 32.0, fp32)]
+    for block in (32, 128):
+        out = work / f"gpt2-nbits{block}" / "model.onnx"
+        variants.append((f"ORT MatMulNBits RTN 4b/{block}", matmulnbits(fp32, out, block), out))
+    for label, bits, block, cal in RBE_SETTINGS:
+        out = work / f"gpt2-rbe{bits}b{block}{'c' if cal else ''}" / "model.onnx"
+        variants.append((label, rbe(fp32, out, bits, block, cal), out))
+    rows = []
+    for label, bpw, path in variants:
+        session = reference if path == fp32 else make_session(path, threads=2)
+        q = compare(session, shape, windows, None if path == fp32 else reference)
+        rows.append({"model": label, "bpw": bpw, "MB": files_mb(path), **q})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def minilm_rows(work: Path, sentences: int) -> list[dict]:
+    import onnxruntime as ort
+
+    from rbe_onnx.evaluate import embedding_cosine, wikitext_test_paragraphs
+    from rbe_onnx.export import export_bert, minilm_dir
+    from rbe_onnx.runtime import make_session
+
+    fp32 = work / "minilm-fp32" / "model.onnx"
+    if not fp32.exists():
+        export_bert(minilm_dir(), fp32.parent)
+    feeds = wikitext_test_paragraphs(str(fp32.parent / "tokenizer.json"), sentences)
+    reference = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    variants = []
+    for block in (32, 128):
+        out = work / f"minilm-nbits{block}" / "model.onnx"
+        variants.append((f"ORT MatMulNBits RTN 4b/{block}", matmulnbits(fp32, out, block), out))
+    for label, bits, block, cal in [("RBE 8b/64 calibrated", 8, 64, True), *RBE_SETTINGS]:
+        out = work / f"minilm-rbe{bits}b{block}{'c' if cal else ''}" / "model.onnx"
+        variants.append((label, rbe(fp32, out, bits, block, cal), out))
+    rows = []
+    for label, bpw, path in variants:
+        rows.append({"model": label, "bpw": bpw, "MB": files_mb(path),
+                     **embedding_cosine(make_session(path, threads=2), reference, feeds)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def plot(gpt2: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    a.axhline(gpt2[0]["ppl"], color="grey", linestyle="--", label="fp32 (32 bits/weight)")
+    for colour, r in zip(colours, gpt2[1:]):
+        style = "o" if r["model"].startswith("RBE") else "s"
+        a.plot(r["bpw"], r["ppl"], style, color=colour, label=r["model"])
+        b.plot(r["bpw"], r["kl"], style, color=colour, label=r["model"])
+    a.set_xlabel("bits/weight (all overhead counted)"), a.set_ylabel("WikiText-2 test PPL")
+    b.set_xlabel("bits/weight"), b.set_ylabel("KL(fp32 || model) per token"), b.set_yscale("log")
+    a.set_title("ref-gpt2: perplexity vs size"), b.set_title("ref-gpt2: divergence from fp32")
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_section(gpt2: list[dict], minilm: list[dict], command: str) -> None:
+    fp32 = gpt2[0]["ppl"]
+    lines = [BEGIN, "## Quality", "", f"Command: `{command}`", "",
+             f"ref-gpt2 on WikiText-2 test ({gpt2[0]['positions']} scored tokens, windows of 256, protocol in "
+             "`rbe_onnx/evaluate.py`); calibration reads WikiText-2 valid only.", "",
+             "| model | bits/weight | files MB | PPL | PPL / fp32 | KL vs fp32 | top-1 vs fp32 |", "|---|---|---|---|---|---|---|"]
+    for r in gpt2:
+        lines.append(f"| {r['model']} | {r['bpw']:.2f} | {r['MB']:.1f} | {r['ppl']:.2f} | {r['ppl'] / fp32:.4f} | "
+                     f"{r.get('kl', 0.0):.5f} | {r.get('top1', 1.0):.4f} |")
+    lines += ["", f"MiniLM (all-MiniLM-L6-v2) mean-pooled embeddings vs fp32, {minilm[0]['sentences']} WikiText-2 "
+              "test paragraphs:", "", "| model | bits/weight | files MB | mean cosine | min cosine |",
+              "|---|---|---|---|---|"]
+    for r in minilm:
+        lines.append(f"| {r['model']} | {r['bpw']:.2f} | {r['MB']:.1f} | {r['cos_mean']:.5f} | {r['cos_min']:.5f} |")
+    lines += ["", "![PPL and KL vs bits/weight](docs/quality.png)", END]
+    path = ROOT / "BENCHMARKS.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = "\n".join(lines)
+    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), section, text, flags=re.S) if BEGIN in text \
+        else text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default=str(ROOT / "out" / "quality"))
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--sentences", type=int, default=500)
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    work = Path(args.work)
+    gpt2 = gpt2_rows(work, args.windows)
+    minilm = minilm_rows(work, args.sentences)
+    plot(gpt2, ROOT / "docs" / "quality.png")
+    write_section(gpt2, minilm, f"python tools/bench_quality.py --windows {args.windows} --sentences {args.sentences}")
+    print((ROOT / "BENCHMARKS.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
