@@ -1,5 +1,6 @@
 #include "op_common.h"
 
+#include <climits>
 #include <memory>
 #include <new>
 
@@ -96,6 +97,24 @@ PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t 
 
   return prepare_weight(shape, tensor_data<int64_t>(api, seeds_value), seeds.size(),
                         tensor_data<uint8_t>(api, codes_value), codes.size());
+}
+
+void init_op_defaults(OrtCustomOp& op) {
+  op.version = ORT_API_VERSION;
+  op.GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
+  op.GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
+  op.GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
+  op.GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
+  op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
+  op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
+  op.GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
+  op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 0; };
+  op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
+  op.GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
+  op.CreateKernel = nullptr;  // only the V2 entry points, which can return an error status
+  op.KernelCompute = nullptr;
 }
 
 namespace {

@@ -39,6 +39,10 @@ const T* tensor_data(const OrtApi& api, const OrtValue* value) {
 // K, N, block_size, bits, scale0, seeds attributes + the constant uint8 codes input at `codes_index`.
 PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index);
 
+// What every ai.rbe op shares: version 1 on the CPU EP, one float output, required non-variadic I/O,
+// V2 (status-returning) kernel entry points only. Each op then sets its name, inputs and kernel functions.
+void init_op_defaults(OrtCustomOp& op);
+
 // Runs f, turning every exception into an OrtStatus prefixed with the op and node: nothing may unwind
 // into ORT.
 OrtStatus* guarded(const OrtApi* api, const char* op, const std::string& node, const std::function<void()>& f);

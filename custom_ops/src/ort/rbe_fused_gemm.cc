@@ -1,6 +1,5 @@
 #include "rbe_fused_gemm.h"
 
-#include <climits>
 #include <cstdlib>
 #include <memory>
 #include <new>
@@ -100,28 +99,15 @@ void compute(Kernel& k, OrtKernelContext* ctx) {
 
 struct RbeFusedGemmOp : OrtCustomOp {
   RbeFusedGemmOp() : OrtCustomOp{} {
-    version = ORT_API_VERSION;
+    init_op_defaults(*this);
     GetName = [](const OrtCustomOp*) { return "RBEFusedGemm"; };
-    GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
     GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 3; };
     GetInputType = [](const OrtCustomOp*, size_t i) {
       return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     };
-    GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
-    GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
     GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
       return i == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
     };
-    GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
-    GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
-    GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
-    GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
-    GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
-    GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 0; };
-    GetStartVersion = [](const OrtCustomOp*) { return 1; };
-    GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
-    CreateKernel = nullptr;
-    KernelCompute = nullptr;
     CreateKernelV2 = [](const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
                         void** out) -> OrtStatus* {
       *out = nullptr;

@@ -3,7 +3,6 @@
 // same codes initializer, so the table is stored once for both ops.
 #include "rbe_gather.h"
 
-#include <climits>
 #include <memory>
 #include <sstream>
 #include <string>
@@ -52,24 +51,12 @@ void compute(GatherKernel& k, OrtKernelContext* ctx) {
 
 struct RbeGatherOp : OrtCustomOp {
   RbeGatherOp() : OrtCustomOp{} {
-    version = ORT_API_VERSION;
+    init_op_defaults(*this);
     GetName = [](const OrtCustomOp*) { return "RBEGather"; };
-    GetExecutionProviderType = [](const OrtCustomOp*) { return "CPUExecutionProvider"; };
     GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 2; };
     GetInputType = [](const OrtCustomOp*, size_t i) {
       return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
     };
-    GetOutputTypeCount = [](const OrtCustomOp*) -> size_t { return 1; };
-    GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
-    GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
-    GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
-    GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
-    GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
-    GetVariadicInputHomogeneity = [](const OrtCustomOp*) { return 0; };
-    GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
-    GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 0; };
-    GetStartVersion = [](const OrtCustomOp*) { return 1; };
-    GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
     CreateKernelV2 = [](const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
                         void** out) -> OrtStatus* {
       *out = nullptr;
