@@ -7,7 +7,7 @@ import pytest
 from rbe_onnx import _kernels
 from rbe_onnx.codec import decode, encode
 
-SIMD = [isa for isa in ("avx2", "neon") if _kernels.isa_available(isa)]
+SIMD = [isa for isa in ("avx2", "avxvnni", "neon") if _kernels.isa_available(isa)]
 
 
 def test_this_machine_has_a_simd_kernel():
@@ -65,3 +65,42 @@ def test_gemm_rejects_wrong_activation_width():
         cpp.gemm(np.ones((2, 65), np.float32))
     with pytest.raises(ValueError, match="unknown kernel ISA"):
         cpp.gemm(np.ones((2, 64), np.float32), isa="sse9")
+
+
+def quantize_int8_spec(A: np.ndarray, block_size: int):
+    """FORMAT.md §2.1: per row and block, q = rint(a·127/amax) as int8, scale amax/127, and Σq per block."""
+    M, K = A.shape
+    nb = -(-K // block_size)
+    padded = np.zeros((M, nb * block_size), np.float32)
+    padded[:, :K] = A
+    blocks = padded.reshape(M, nb, block_size)
+    amax = np.abs(blocks).max(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint(blocks * (np.float32(127) / amax).astype(np.float32)[..., None]).astype(np.float32)
+    q = np.where(amax[..., None] > 0, q, 0).astype(np.int8)
+    scale = np.where(amax > 0, amax / np.float32(127), 0).astype(np.float32)
+    return q.reshape(M, -1), scale, q.astype(np.int32).sum(-1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_int8_activation_path_matches_its_spec(bits):
+    """accuracy_level=4: the exact product of the int8-quantized activations with the decoded weight."""
+    rng = np.random.default_rng(bits)
+    for block_size in (32, 64, 256):
+        for K, N in ((77, 19), (1000, 33)):
+            w = encode((rng.standard_normal((K, N)) * 0.05).astype(np.float32), bits=bits, block_size=block_size)
+            cpp = _kernels.Weight(w.seeds, w.codes, w.K, w.N, w.block_size, w.bits, w.scale0)
+            D = decode(w).astype(np.float64)
+            bias = rng.standard_normal(N).astype(np.float32)
+            for M in (1, 3, 7, 64):
+                A = rng.standard_normal((M, K)).astype(np.float32)
+                q, scale, sums = _kernels.quantize_int8(A, block_size)
+                q_spec, scale_spec, sums_spec = quantize_int8_spec(A, block_size)
+                assert np.array_equal(q, q_spec) and np.array_equal(scale, scale_spec)
+                assert np.array_equal(sums, sums_spec)
+                nb = scale.shape[1]
+                dequant = (q.reshape(M, nb, block_size) * scale[..., None].astype(np.float64)).reshape(M, -1)[:, :K]
+                ref = dequant @ D + bias
+                for isa in ("scalar", *SIMD):
+                    Y = cpp.gemm(A, bias, isa=isa, threads=2, accuracy_level=4)
+                    np.testing.assert_allclose(Y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=isa)

@@ -56,6 +56,7 @@ def session(path):
     (dict(seeds=numpy_helper.from_array(pack_seeds(np.zeros((N, 2)), 0, 0, 3), "seeds")), "width field"),
     (dict(codes=np.zeros(17, np.uint8)), "codes must hold 1536 bytes"),
     (dict(codes_as_input=True), "must be a constant initializer"),
+    (dict(accuracy_level=7), "attribute 'accuracy_level'=7 unsupported (0 to 4)"),
 ])
 def test_bad_node_fails_at_session_creation_with_node_name(tmp_path, kwargs, message):
     with pytest.raises(Exception) as err:

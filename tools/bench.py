@@ -201,7 +201,7 @@ def main() -> None:
     cmd = f"python tools/bench.py --tokens {args.tokens} --threads {args.threads} --rounds {args.rounds}"
     if args.only:
         cmd += f" --only '{args.only}'"
-    lines = ["# Benchmarks", "", f"Command: `{cmd}` (GPT-2-small shape, 124 M parameters, random init; "
+    lines = ["## Speed", "", f"Command: `{cmd}` (GPT-2-small shape, 124 M parameters, random init; "
              f"{args.threads} threads; medians over interleaved rounds; decode = median ms/token of "
              f"{args.tokens} greedy tokens after a 32-token prompt; bpw = bits per weight of the MatMul/Gemm "
              "weights, everything counted; `int8` = accuracy_level 4, int8 activations per block like "
@@ -226,8 +226,26 @@ def main() -> None:
         lines.append(f"| {label} | {nthreads} | {ms:.2f} | {gbs:.1f} | {100 * gbs / bw:.0f} % |")
     text = "\n".join(lines) + "\n"
     if not args.no_write:
-        (ROOT / "BENCHMARKS.md").write_text(text)
+        write_section(ROOT / "BENCHMARKS.md", text)
     print(text)
+
+
+BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replaces this tool's section of BENCHMARKS.md (between the speed markers), leaving the sections other
+    tools write (quality, generation, ...) as they are; a file without the markers gets the section first."""
+    block = f"{BEGIN}\n{text}{END}\n"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        after = rest.split(END, 1)[1].lstrip("\n")
+        new = head + block + ("\n" + after if after else "")
+    else:
+        head, _, rest = old.partition("\n")  # the title line
+        new = f"{head}\n\n{block}\n{rest.lstrip()}" if rest.strip() else f"{head}\n\n{block}"
+    path.write_text(new)
 
 
 if __name__ == "__main__":

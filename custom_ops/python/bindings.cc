@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -37,8 +38,17 @@ Weight make_weight(const I64& seeds, const U8& codes, int64_t K, int64_t N, int6
   return out;
 }
 
-// Worker threads started once and parked between calls (as ORT's intra-op pool keeps its threads), so
-// that a kernel timed from Python measures the kernel, not thread start-up. The calling thread works too.
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Worker threads started once and kept between calls, spinning a short while for the next call before
+// they sleep (as ORT's intra-op pool does), so that kernels timed from Python measure the kernels, not
+// thread start-up or wake-up latency. The calling thread works too.
 class Pool {
  public:
   static Pool& instance() {
@@ -53,20 +63,19 @@ class Pool {
       const size_t id = workers_.size();
       workers_.emplace_back([this, id] { loop(id); });
     }
+    task_ = &task;
+    n_ = n;
+    next_ = 0;
+    error_ = nullptr;
+    busy_ = helpers;
     {
       std::lock_guard<std::mutex> lk(mu_);
-      task_ = &task;
-      n_ = n;
-      next_ = 0;
       helpers_ = helpers;
-      busy_ = helpers;
-      error_ = nullptr;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
     work();
-    std::unique_lock<std::mutex> lk(mu_);
-    done_.wait(lk, [&] { return busy_ == 0; });
+    while (busy_.load(std::memory_order_acquire) != 0) cpu_relax();
     if (error_) std::rethrow_exception(error_);
   }
 
@@ -74,6 +83,7 @@ class Pool {
     {
       std::lock_guard<std::mutex> lk(mu_);
       stop_ = true;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
     for (auto& t : workers_) t.join();
@@ -93,25 +103,36 @@ class Pool {
   void loop(size_t id) {
     uint64_t seen = 0;
     for (;;) {
-      {
-        std::unique_lock<std::mutex> lk(mu_);
-        wake_.wait(lk, [&] { return stop_ || (generation_ != seen && id < helpers_); });
-        if (stop_) return;
-        seen = generation_;
+      auto ready = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(500);
+      for (int i = 0; !ready(); ++i) {
+        cpu_relax();
+        if ((i & 255) == 255 && std::chrono::steady_clock::now() > until) {
+          std::unique_lock<std::mutex> lk(mu_);
+          wake_.wait(lk, ready);
+          break;
+        }
       }
+      size_t helpers;
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (stop_) return;
+        seen = generation_.load(std::memory_order_acquire);
+        helpers = helpers_;
+      }
+      if (id >= helpers) continue;  // not needed for this call
       work();
-      std::lock_guard<std::mutex> lk(mu_);
-      if (--busy_ == 0) done_.notify_one();
+      busy_.fetch_sub(1, std::memory_order_release);
     }
   }
 
   std::mutex call_mu_, mu_;
-  std::condition_variable wake_, done_;
+  std::condition_variable wake_;
   std::vector<std::thread> workers_;
   const std::function<void(size_t)>* task_ = nullptr;
-  size_t n_ = 0, helpers_ = 0, busy_ = 0;
-  std::atomic<size_t> next_{0};
-  uint64_t generation_ = 0;
+  size_t n_ = 0, helpers_ = 0;
+  std::atomic<size_t> next_{0}, busy_{0};
+  std::atomic<uint64_t> generation_{0};
   bool stop_ = false;
   std::exception_ptr error_;
 };
