@@ -86,13 +86,9 @@ def with_accuracy_level(src: Path, dst: Path, level: int) -> Path:
 
 
 def build(work: Path, only: str | None) -> tuple[dict[str, Path], dict[str, float]]:
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
+    from rbe_onnx.anchors import matmulnbits_model
     from rbe_onnx.compressor import rewrite
     from rbe_onnx.export import export_gpt2, make_random_gpt2
-    from rbe_onnx.onnx_io import save_model
-    from rbe_onnx.passes.gemm_to_matmul import gemm_to_matmul
 
     fp32 = work / "fp32" / "model.onnx"
     if not fp32.exists():
@@ -100,13 +96,7 @@ def build(work: Path, only: str | None) -> tuple[dict[str, Path], dict[str, floa
         export_gpt2(hf, fp32.parent)
     models, bpw = {"fp32 ORT": fp32}, {"fp32 ORT": 32.0}
     nbits = work / "nbits" / "model.onnx"
-    if not nbits.exists():
-        m = onnx.load(str(fp32))
-        gemm_to_matmul(m)
-        q = MatMulNBitsQuantizer(m, bits=4, block_size=32, is_symmetric=False, accuracy_level=4)
-        q.process()
-        save_model(q.model.model, nbits)
-    models[NBITS], bpw[NBITS] = nbits, 4 + 32 / 32 + 4 / 32
+    models[NBITS], bpw[NBITS] = nbits, matmulnbits_model(fp32, nbits, block_size=32)
     for label, bits, block, level in RBE_VARIANTS:
         if only and not re.search(only, label):
             continue

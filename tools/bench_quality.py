@@ -16,7 +16,7 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
+from rbe_onnx.anchors import matmulnbits_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
@@ -26,24 +26,6 @@ RBE_SETTINGS = [  # (label, bits, block, calibrate)
     ("RBE 3b/128 calibrated", 3, 128, True),
     ("RBE 3b/256 calibrated", 3, 256, True),
 ]
-
-
-def matmulnbits(src: Path, out: Path, block: int) -> float:
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    from rbe_onnx.compressor import copy_sidecar_files
-    from rbe_onnx.onnx_io import save_model
-    from rbe_onnx.passes.gemm_to_matmul import gemm_to_matmul
-
-    if not out.exists():
-        m = onnx.load(str(src))
-        gemm_to_matmul(m)
-        q = MatMulNBitsQuantizer(m, bits=4, block_size=block, is_symmetric=False, accuracy_level=4)
-        q.process()
-        save_model(q.model.model, out)
-        copy_sidecar_files(src.parent, out.parent)
-    return 4 + (32 + 4) / block
 
 
 def rbe(src: Path, out: Path, bits: int, block: int, calibrate: bool) -> float:
@@ -73,7 +55,7 @@ def gpt2_rows(work: Path, windows_n: int) -> list[dict]:
     variants = [("fp32", 32.0, fp32)]
     for block in (32, 128):
         out = work / f"gpt2-nbits{block}" / "model.onnx"
-        variants.append((f"ORT MatMulNBits RTN 4b/{block}", matmulnbits(fp32, out, block), out))
+        variants.append((f"ORT MatMulNBits RTN 4b/{block}", matmulnbits_model(fp32, out, block), out))
     for label, bits, block, cal in RBE_SETTINGS:
         out = work / f"gpt2-rbe{bits}b{block}{'c' if cal else ''}" / "model.onnx"
         variants.append((label, rbe(fp32, out, bits, block, cal), out))
@@ -101,7 +83,7 @@ def minilm_rows(work: Path, sentences: int) -> list[dict]:
     variants = []
     for block in (32, 128):
         out = work / f"minilm-nbits{block}" / "model.onnx"
-        variants.append((f"ORT MatMulNBits RTN 4b/{block}", matmulnbits(fp32, out, block), out))
+        variants.append((f"ORT MatMulNBits RTN 4b/{block}", matmulnbits_model(fp32, out, block), out))
     for label, bits, block, cal in [("RBE 8b/64 calibrated", 8, 64, True), *RBE_SETTINGS]:
         out = work / f"minilm-rbe{bits}b{block}{'c' if cal else ''}" / "model.onnx"
         variants.append((label, rbe(fp32, out, bits, block, cal), out))

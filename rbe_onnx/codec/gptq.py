@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .codebook import levels
+from .decode import level_tables
 from .encode import default_scale0, encode
 from .packing import pack_codes
 from .seed import pack_seeds, scales_from_rho, unpack_seeds
@@ -38,7 +38,7 @@ def encode_gptq(W: np.ndarray, H: np.ndarray, bits: int = 4, block_size: int = 6
         raise ValueError(f"Hessian must be {K} x {K}, got {list(H.shape)}")
     U = _inverse_cholesky(H, damp)
     nb = -(-K // block_size)
-    tables = np.stack([levels(bits, t) for t in range(16)]).astype(np.float64) if bits != 8 else None
+    tables = level_tables(bits).astype(np.float64) if bits != 8 else None
     seeds = np.zeros((N, nb), dtype=np.int64)
     codes = np.zeros((N, nb * block_size), dtype=np.uint8)
     # One s0 for the node, with headroom: error feedback can shrink a later block's range below what the
