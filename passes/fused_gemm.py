@@ -132,21 +132,27 @@ def replace_candidates(model: onnx.ModelProto, encoded: dict[tuple[str, bool], "
     graph = model.graph
     nodes = list(graph.node)
     codes_names: dict[int, str] = {}
+    center_names: dict[int, str] = {}
     for c in candidates:
         if not c.eligible:
             continue
         w = encoded[c.key]
         if id(w) not in codes_names:
-            name = f"{c.weight_name}{'.T' if c.transpose else ''}.rbe_codes"
-            graph.initializer.append(numpy_helper.from_array(w.codes, name))
-            codes_names[id(w)] = name
+            stem = f"{c.weight_name}{'.T' if c.transpose else ''}"
+            graph.initializer.append(numpy_helper.from_array(w.codes, f"{stem}.rbe_codes"))
+            codes_names[id(w)] = f"{stem}.rbe_codes"
+            if w.center is not None:
+                graph.initializer.append(numpy_helper.from_array(w.center, f"{stem}.rbe_center"))
+                center_names[id(w)] = f"{stem}.rbe_center"
+        center = [center_names[id(w)]] if id(w) in center_names else []
         attrs = dict(K=w.K, N=w.N, block_size=w.block_size, bits=w.bits, scale0=float(w.scale0),
                      seeds=numpy_helper.from_array(w.seeds, "seeds"))
         if c.node.op_type == "Gather":
-            new = helper.make_node(GATHER_OP_TYPE, [c.node.input[1], codes_names[id(w)]], list(c.node.output),
+            new = helper.make_node(GATHER_OP_TYPE, [c.node.input[1], codes_names[id(w)], *center], list(c.node.output),
                                    name=c.node.name, domain=RBE_DOMAIN, **attrs)
         else:
-            inputs = [c.node.input[0], codes_names[id(w)]] + ([c.bias] if c.bias else [])
+            # ONNX skips an absent optional input with an empty name: the center is input 3, after the bias.
+            inputs = [c.node.input[0], codes_names[id(w)]] + ([c.bias] if c.bias or center else []) + center
             new = helper.make_node(OP_TYPE, inputs, list(c.node.output), name=c.node.name, domain=RBE_DOMAIN,
                                    **attrs)
         nodes[c.index] = new
@@ -159,3 +165,14 @@ def replace_candidates(model: onnx.ModelProto, encoded: dict[tuple[str, bool], "
     graph.initializer.extend(keep)
     if not any(op.domain == RBE_DOMAIN for op in model.opset_import):
         model.opset_import.append(helper.make_opsetid(RBE_DOMAIN, 1))
+
+
+def set_accuracy_level(model: onnx.ModelProto, level: int) -> None:
+    """Sets the `accuracy_level` attribute (FORMAT.md §2.1) of every RBEFusedGemm; 0 removes it (the default)."""
+    if level not in range(5):
+        raise ValueError(f"accuracy_level must be 0 to 4, got {level}")
+    for node in model.graph.node:
+        if node.op_type == OP_TYPE and node.domain == RBE_DOMAIN:
+            keep = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(keep + ([helper.make_attribute("accuracy_level", level)] if level else []))

@@ -55,8 +55,10 @@ def cmd_rewrite(args) -> int:
 
     output = Path(args.output) if args.output else Path(args.model).with_name(Path(args.model).stem + ".rbe.onnx")
     _, rows = rewrite(args.model, output, bits=args.bits, block_size=args.block_size, exclude=args.exclude,
-                      embeddings=not args.keep_embeddings, progress=not args.quiet, calibrate=args.calibrate,
-                      calibration_tokens=args.calib_tokens)
+                      embeddings=not args.keep_embeddings, progress=not args.quiet,
+                      calibrate=args.calibrate or args.target_bpw is not None or args.distill > 0,
+                      calibration_tokens=args.calib_tokens, target_bpw=args.target_bpw, center=not args.no_center,
+                      accuracy_level=args.accuracy_level, distill_steps=args.distill)
     print_report(rows, f"{args.model} -> {output}")
     return 0
 
@@ -141,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--calibrate", action="store_true",
                    help="error-feedback rounding from WikiText-2 valid activations (never the test split)")
     r.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default 8192)")
+    r.add_argument("--target-bpw", type=float,
+                   help="average bits/weight over all rewritten weights (seeds included); each weight's width and "
+                        "block size are chosen by its measured sensitivity (implies --calibrate; overrides "
+                        "--bits/--block-size)")
+    r.add_argument("--distill", type=int, default=0, metavar="N",
+                   help="GPT-2: fine-tune block scales, center coefficients and LayerNorms against the fp32 model "
+                        "for N steps of 4 WikiText-2 valid windows (implies --calibrate)")
+    r.add_argument("--accuracy-level", type=int, default=0, choices=range(5),
+                   help="RBEFusedGemm arithmetic: 0 = float activations (exact, default), 4 = int8 activations per "
+                        "block (faster; FORMAT.md §2.1), as MatMulNBits' attribute")
+    r.add_argument("--no-center", action="store_true",
+                   help="never give a weight a center vector (FORMAT.md §5.1), e.g. for readers of the older format")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     r.set_defaults(fn=cmd_rewrite)
 

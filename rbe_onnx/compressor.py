@@ -14,14 +14,16 @@ import onnx
 from tqdm import tqdm
 
 from .codec import RBEWeight, decode, encode
+from .codec.center import center_term, fit_center, MIN_ENERGY_REMOVED, with_center
 from .codec.gptq import encode_gptq
 from .onnx_io import load_model, save_model
-from .passes import Candidate, find_candidates, replace_candidates
+from .passes import Candidate, find_candidates, replace_candidates, set_accuracy_level
 from .passes.fused_gemm import weight_matrix
 
 REPORT_KEY = "rbe.report"
 GPTQ_DAMP = 0.01
 TIED_DAMP = 0.1  # measured on ref-gpt2 3-bit/256: 0.1 -> KL 0.0147, 1.0 -> 0.0158, 10 -> 0.0244
+SENSITIVITY_TOKENS = 512  # calibration tokens each --target-bpw sensitivity probe runs the model on
 
 
 class NothingToRewrite(ValueError):
@@ -70,14 +72,39 @@ def _group_identical(model: onnx.ModelProto, eligible: list[Candidate]) -> list[
     return list(groups.values())
 
 
+def encode_weight(W: np.ndarray, bits: int, block_size: int, H: np.ndarray | None = None, damp: float = GPTQ_DAMP,
+                  center: bool = True) -> RBEWeight:
+    """One weight's encoding: with a center vector (FORMAT.md §5.1) where it removes enough of the weight's
+    energy and `center` allows it, error-feedback rounding where a Hessian is given, nearest level otherwise."""
+    fitted = None
+    if center:
+        c, alpha, removed = fit_center(W, block_size)
+        if removed >= MIN_ENERGY_REMOVED:
+            fitted = (c, alpha)
+            W = W - center_term(c, alpha, W.shape[0], block_size)
+    w = encode(W, bits=bits, block_size=block_size) if H is None else \
+        encode_gptq(W, H, bits=bits, block_size=block_size, damp=damp)
+    return with_center(w, *fitted) if fitted else w
+
+
 def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64, exclude: str | None = None,
                   embeddings: bool = True, progress: bool = True, calibration_dir: Path | None = None,
-                  calibration_tokens: int = 8192) -> list[ReportRow]:
+                  calibration_tokens: int = 8192, target_bpw: float | None = None,
+                  center: bool = True, accuracy_level: int = 0, distill_steps: int = 0) -> list[ReportRow]:
     """Rewrites `model` in place; returns one report row per MatMul/Gemm/Gather node.
 
     embeddings: also turn Gathers over constant tables (token/position embeddings) into RBEGather.
     With `calibration_dir` (the exported model's folder), codes are rounded with error feedback against
-    activations of WikiText-2 valid (GPTQ-style) instead of to the nearest level."""
+    activations of WikiText-2 valid (GPTQ-style) instead of to the nearest level.
+    target_bpw: instead of one `bits`/`block_size` for all, each weight gets the setting a measured-sensitivity
+    budget gives it (rbe_onnx.allocation), so that the rewritten weights average `target_bpw` bits per weight
+    (seeds, centers and codes counted); needs `calibration_dir`.
+    center: let weights that share a strong common direction carry a center vector (FORMAT.md §5.1).
+    accuracy_level: the RBEFusedGemm attribute (FORMAT.md §2.1); 4 = int8 activations, the fast path.
+    distill_steps: after encoding, fine-tune scales, center coefficients and LayerNorms against the fp32 model
+    for this many steps (rbe_onnx.distill; GPT-2, needs `calibration_dir`)."""
+    if accuracy_level not in range(5):
+        raise ValueError(f"accuracy_level must be 0 to 4, got {accuracy_level}")
     candidates = find_candidates(model, exclude, embeddings=embeddings)
     eligible = [c for c in candidates if c.eligible]
     if not [c for c in eligible if c.node.op_type != "Gather"]:
@@ -85,6 +112,16 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
             "the graph has no MatMul or Gemm node"
         raise NothingToRewrite(f"no MatMul/Gemm node with a constant 2-D float weight to rewrite ({reasons})")
     groups = _group_identical(model, eligible)
+    if distill_steps and calibration_dir is None:
+        raise ValueError("--distill trains on calibration data: it needs --calibrate (a model exported by "
+                         "`rbe-onnx export`)")
+    if distill_steps:
+        from .distill import check_supported
+
+        check_supported(Path(calibration_dir))
+    if target_bpw is not None and calibration_dir is None:
+        raise ValueError("--target-bpw measures each weight's sensitivity on calibration data: it needs "
+                         "--calibrate (a model exported by `rbe-onnx export`)")
     hessians = {}
     if calibration_dir is not None:
         from .calibration import activation_hessians
@@ -92,20 +129,29 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
         inputs = sorted({c.node.input[0] for g in groups for c in g if c.node.op_type != "Gather"})
         hessians = activation_hessians(model, Path(calibration_dir), inputs, tokens=calibration_tokens,
                                        progress=progress)
+    # A Gather has no activation statistics; a tied matrix takes its MatMul's (the lm_head's).
+    group_h = [next((hessians[c.node.input[0]] for c in g if c.node.input[0] in hessians), None) for g in groups]
+    settings = [(bits, block_size)] * len(groups)
+    if target_bpw is not None:
+        from .allocation import plan_settings
+        from .calibration import calibration_batches
+
+        batches = calibration_batches(Path(calibration_dir), tokens=SENSITIVITY_TOKENS)
+        settings = plan_settings(model, groups, group_h, batches, target_bpw, center=center, progress=progress)
     encoded: dict[tuple[str, bool], RBEWeight] = {}
     errors: dict[tuple[str, bool], float] = {}
-    for group in tqdm(groups, desc="encoding", unit="weight", disable=not progress):
-        # A Gather has no activation statistics; a tied matrix takes its MatMul's (the lm_head's).
-        H = next((hessians[c.node.input[0]] for c in group if c.node.input[0] in hessians), None)
+    for group, H, (g_bits, g_bs) in tqdm(list(zip(groups, group_h, settings)), desc="encoding", unit="weight",
+                                         disable=not progress):
         W = weight_matrix(model, group[0])
         # A table that is also gathered is read row by row, where every weight's own error shows: pull the
         # error feedback towards plain rounding with a strong identity term (dampening) for it.
         tied = any(c.node.op_type == "Gather" for c in group)
-        w = encode(W, bits=bits, block_size=block_size) if H is None else \
-            encode_gptq(W, H, bits=bits, block_size=block_size, damp=TIED_DAMP if tied else GPTQ_DAMP)
+        w = encode_weight(W, g_bits, g_bs, H, damp=TIED_DAMP if tied else GPTQ_DAMP, center=center)
         err = float(np.linalg.norm(decode(w) - W) / max(np.linalg.norm(W), 1e-30))
         for c in group:
             encoded[c.key], errors[c.key] = w, err
+    if distill_steps:
+        _distill(model, Path(calibration_dir), eligible, encoded, errors, distill_steps, progress)
     stored: set[int] = set()
     rows = []
     for c in candidates:
@@ -114,8 +160,25 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
         if w is not None:
             stored.add(id(w))
     replace_candidates(model, encoded, candidates)
+    set_accuracy_level(model, accuracy_level)
     _set_metadata(model, REPORT_KEY, json.dumps([asdict(r) for r in rows]))
     return rows
+
+
+def _distill(model: onnx.ModelProto, model_dir: Path, eligible: list[Candidate], encoded: dict, errors: dict,
+             steps: int, progress: bool) -> None:
+    """Runs rbe_onnx.distill and swaps the tuned encodings in, keeping shared weights shared."""
+    from .distill import distill
+
+    tuned = distill(model, model_dir, {c.weight_name: (encoded[c.key], c.transpose) for c in eligible}, steps,
+                    progress=progress)
+    by_old = {id(encoded[c.key]): tuned[c.weight_name] for c in eligible if c.weight_name in tuned}
+    for c in eligible:
+        old = encoded[c.key]
+        if id(old) in by_old:
+            encoded[c.key] = by_old[id(old)]
+            W = weight_matrix(model, c)
+            errors[c.key] = float(np.linalg.norm(decode(encoded[c.key]) - W) / max(np.linalg.norm(W), 1e-30))
 
 
 def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
@@ -128,19 +191,22 @@ def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
 
 def rewrite(model_or_path: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
             bits: int = 4, block_size: int = 64, exclude: str | None = None, embeddings: bool = True,
-            progress: bool = True, calibrate: bool = False,
-            calibration_tokens: int = 8192) -> tuple[onnx.ModelProto, list[ReportRow]]:
+            progress: bool = True, calibrate: bool = False, calibration_tokens: int = 8192,
+            target_bpw: float | None = None, center: bool = True, accuracy_level: int = 0,
+            distill_steps: int = 0) -> tuple[onnx.ModelProto, list[ReportRow]]:
     """Loads (if given a path), rewrites and (if output_path is given) saves with aligned external data.
 
     calibrate: error-feedback rounding from WikiText-2 valid activations; needs a path to a model exported
-    by `rbe-onnx export` (its folder holds the tokenizer and rbe_export.json)."""
+    by `rbe-onnx export` (its folder holds the tokenizer and rbe_export.json). target_bpw (needs calibrate):
+    per-weight settings by measured sensitivity, see rewrite_model."""
     if calibrate and isinstance(model_or_path, onnx.ModelProto):
         raise ValueError("calibrate=True needs the exported model's path (its folder holds the tokenizer)")
     model = load_model(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
     rows = rewrite_model(model, bits=bits, block_size=block_size, exclude=exclude, embeddings=embeddings,
                          progress=progress,
                          calibration_dir=Path(model_or_path).parent if calibrate else None,
-                         calibration_tokens=calibration_tokens)
+                         calibration_tokens=calibration_tokens, target_bpw=target_bpw, center=center,
+                         accuracy_level=accuracy_level, distill_steps=distill_steps)
     if output_path is not None:
         save_model(model, output_path)
         if not isinstance(model_or_path, onnx.ModelProto):

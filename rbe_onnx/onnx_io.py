@@ -1,7 +1,9 @@
 """Loading and saving ONNX models the way ONNX Runtime can memory-map them.
 
 onnx's own external-data writer packs tensors back to back; ORT maps a tensor's bytes in place only when its
-offset is aligned to the allocation granularity, so tensors here start on 64 KiB boundaries.
+offset is aligned to the allocation granularity, so large tensors here start on 64 KiB boundaries. Small ones
+(biases, LayerNorms, the codes of small layers) are copied at load anyway, and padding each of them to 64 KiB
+would cost megabytes in a model that is meant to be small: they are packed on cache-line boundaries.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from onnx import numpy_helper
 
 MAX_IR_VERSION = 10  # onnxruntime 1.31 reads IR <= 13; onnx 1.23 writes 14 unless told otherwise
 ALIGNMENT = 1 << 16
+MAP_LIMIT = 1 << 20  # tensors from this size on are aligned for mapping
+SMALL_ALIGNMENT = 64
 INLINE_LIMIT = 1024  # tensors smaller than this stay inside model.onnx
 
 
@@ -34,7 +38,8 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = True) -> Path:
-    """Writes model.onnx and, with external_data, its tensors to `<name>.data`, each 64 KiB aligned.
+    """Writes model.onnx and, with external_data, its tensors to `<name>.data` (those of MAP_LIMIT bytes and more
+    64 KiB aligned).
 
     The model must hold its tensor data (loaded with external data); afterwards its tensors point at the file.
     """
@@ -51,7 +56,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
                 raw = numpy_helper.to_array(tensor).tobytes()
                 if len(raw) < INLINE_LIMIT:
                     continue
-                offset = -f.tell() % ALIGNMENT
+                offset = -f.tell() % (ALIGNMENT if len(raw) >= MAP_LIMIT else SMALL_ALIGNMENT)
                 f.write(b"\0" * offset)
                 start = f.tell()
                 f.write(raw)

@@ -1,6 +1,8 @@
 """The numpy codec (the executable spec) and its agreement with the C++ decoder."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -23,10 +25,13 @@ def test_seed_fields_round_trip():
     rng = np.random.default_rng(0)
     rho, theta = rng.integers(0, 1 << 16, 100), rng.integers(0, 16, 100)
     offset = rng.integers(-128, 128, 100)
-    f = unpack_seeds(pack_seeds(rho, theta, offset, 3))
+    alpha = rng.standard_normal(100).astype(np.float16)
+    f = unpack_seeds(pack_seeds(rho, theta, offset, 3, alpha=alpha))
     assert np.array_equal(f["rho"], rho) and np.array_equal(f["theta"], theta)
     assert np.array_equal(f["offset"], offset) and np.all(f["width"] == 3)
-    assert np.all(f["tag"] == 0xB1) and not f["outliers"].any() and not f["reserved"].any()
+    assert np.array_equal(f["alpha"], alpha.astype(np.float32))
+    assert np.all(f["tag"] == 0xB1) and not f["outliers"].any()
+    assert not unpack_seeds(pack_seeds(rho, theta, offset, 3))["alpha"].view(np.uint32).any()
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -119,3 +124,42 @@ def test_encode_rejects_non_finite_weights():
     W[3, 1] = np.nan
     with pytest.raises(ValueError, match="NaN or Inf"):
         encode(W)
+
+
+def test_center_vector_cuts_the_token_embedding_error(shared_data):
+    """FORMAT.md §5.1 on real data: the reference GPT-2's token table shares one strong direction, so coding
+    each block's residual from it (α·c) leaves far less error than coding the table as it is."""
+    from safetensors.numpy import load_file
+
+    from rbe_onnx.codec.center import center_term, fit_center
+    from rbe_onnx.compressor import encode_weight
+
+    table = load_file(str(shared_data / "ref-gpt2" / "model.safetensors"))["transformer.wte.weight"]
+    W = np.ascontiguousarray(table[:8192].T)  # 8192 entries keep it quick
+    centered, plain = encode_weight(W, 3, 256), encode_weight(W, 3, 256, center=False)
+    assert centered.center is not None and plain.center is None
+    err = lambda w: np.linalg.norm(decode(w) - W) / np.linalg.norm(W)  # noqa: E731
+    print(f"3b/256 relative error: centered {err(centered):.4f}, plain {err(plain):.4f}")
+    assert err(centered) < 0.5 * err(plain)
+    assert centered.bits_per_weight - plain.bits_per_weight == pytest.approx(32 / W.shape[1], abs=1e-9)
+    # decode = the residual's decode + the center term, as the spec writes it (float32 sum)
+    c, alpha, removed = fit_center(W, 256)
+    assert removed > 0.5
+    residual = dataclasses.replace(centered, center=None, seeds=np.ascontiguousarray(
+        (centered.seeds.view(np.uint64) & ~(np.uint64(0xFFFF) << np.uint64(40))).view(np.int64)))
+    np.testing.assert_array_equal(decode(centered), decode(residual) + center_term(c, alpha, W.shape[0], 256))
+
+
+def test_center_is_taken_only_where_it_lowers_the_error(shared_data):
+    """Most real projection weights have no strong common direction and get no center; the one that does (layer
+    11's attention output, with GPT-2's outlier channels) is coded better with it."""
+    from rbe_onnx.compressor import encode_weight
+
+    used = []
+    for name, W in real_gpt2_weights(shared_data).items():
+        centered = encode_weight(W, 4, 64)
+        if centered.center is not None:
+            plain = encode_weight(W, 4, 64, center=False)
+            assert np.linalg.norm(decode(centered) - W) < np.linalg.norm(decode(plain) - W), name
+            used.append(name)
+    assert 0 < len(used) <= 2, used

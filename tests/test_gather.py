@@ -9,15 +9,33 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rbe_onnx import get_library_path
 from rbe_onnx.codec import decode, encode
+from rbe_onnx.codec.seed import alpha_bits
 
 
-def gather_session(tmp_path, table: np.ndarray, bits: int = 4):
+def gather_session(tmp_path, table: np.ndarray, bits: int = 4, center: bool = False, center_value=None,
+                   center_as_input: bool = False):
+    """A session of one RBEGather node over `table` and the table's numpy decode. center: the weight gets a
+    center (input 2, FORMAT.md §5.1) and a random alpha per block; center_value replaces the center
+    initializer's value, center_as_input makes it a graph input instead."""
+    import dataclasses
+
     w = encode(np.ascontiguousarray(table.T), bits=bits, block_size=64)  # entry t = column t of W = tableᵀ
-    node = helper.make_node("RBEGather", ["ids", "codes"], ["rows"], name="emb", domain="ai.rbe", K=w.K, N=w.N,
+    inputs, inits = ["ids", "codes"], [numpy_helper.from_array(w.codes, "codes")]
+    graph_inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, None)]
+    if center:
+        rng = np.random.default_rng(w.K)
+        alpha = rng.uniform(-2, 2, w.seeds.shape).astype(np.float16)
+        seeds = w.seeds.view(np.uint64) | (alpha_bits(alpha) << np.uint64(40))
+        w = dataclasses.replace(w, seeds=seeds.view(np.int64), center=rng.standard_normal(w.K).astype(np.float32))
+        inputs.append("center")
+        if center_as_input:
+            graph_inputs.append(helper.make_tensor_value_info("center", TensorProto.FLOAT, [w.K]))
+        else:
+            inits.append(numpy_helper.from_array(w.center if center_value is None else center_value, "center"))
+    node = helper.make_node("RBEGather", inputs, ["rows"], name="emb", domain="ai.rbe", K=w.K, N=w.N,
                             block_size=64, bits=bits, scale0=w.scale0, seeds=numpy_helper.from_array(w.seeds, "s"))
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
-                              [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(w.codes, "codes")])
+    outputs = [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)]
+    graph = helper.make_graph([node], "g", graph_inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.rbe", 1)])
     model.ir_version = 10
     path = tmp_path / "gather.onnx"
@@ -34,6 +52,29 @@ def test_rows_equal_numpy_decode_for_any_index_shape(tmp_path):
     rows = session.run(None, {"ids": ids})[0]
     assert rows.shape == (2, 3, 100)
     assert np.array_equal(rows, decoded[ids])
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_rows_with_center_equal_numpy_decode_bit_for_bit(tmp_path, bits):
+    """Each row is d·(L+o) + α·c per block (§5.1), the same float32 bits as the numpy decoder's."""
+    table = np.random.default_rng(bits).standard_normal((300, 100)).astype(np.float32)  # K=100: a tail block
+    session, decoded = gather_session(tmp_path, table, bits=bits, center=True)
+    ids = np.array([[0, 299, 17], [5, -1, -300]], dtype=np.int64)
+    rows = session.run(None, {"ids": ids})[0]
+    assert rows.shape == (2, 3, 100)
+    assert np.array_equal(rows.view(np.uint32), np.ascontiguousarray(decoded[ids]).view(np.uint32))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(center_as_input=True), "input 'center' must be a constant initializer"),
+    (dict(center_value=np.ones(99, np.float32)), "input 'center' must be a float32 tensor of shape [100] (K)"),
+    (dict(center_value=np.full(100, np.nan, np.float32)), "center holds NaN or Inf"),
+])
+def test_bad_center_is_an_error_naming_the_node(tmp_path, kwargs, message):
+    table = np.random.default_rng(0).standard_normal((30, 100)).astype(np.float32)
+    with pytest.raises(Exception) as err:
+        gather_session(tmp_path, table, center=True, **kwargs)
+    assert "RBEGather node 'emb'" in str(err.value) and message in str(err.value), str(err.value)
 
 
 def test_out_of_range_index_is_an_error(tmp_path):

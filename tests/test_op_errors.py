@@ -7,8 +7,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rbe_onnx import get_library_path
-from rbe_onnx.codec import encode
-from rbe_onnx.codec.seed import pack_seeds
+from rbe_onnx.codec import decode, encode
+from rbe_onnx.codec.seed import alpha_bits, pack_seeds
 
 K, N = 100, 24
 
@@ -84,3 +84,98 @@ def test_bias_of_wrong_length_is_rejected(tmp_path):
 def test_model_without_library_registered_names_the_op(tmp_path):
     with pytest.raises(Exception, match="RBEFusedGemm"):
         ort.InferenceSession(build(tmp_path), providers=["CPUExecutionProvider"])
+
+
+# --- the optional center input (FORMAT.md §5.1): input 3, after the optional bias -------------------------
+
+def centered_weight():
+    """The weight build() encodes, with a center and a random alpha per block."""
+    import dataclasses
+
+    rng = np.random.default_rng(5)
+    w = encode(np.random.default_rng(0).standard_normal((K, N)).astype(np.float32), bits=4, block_size=64)
+    alpha = rng.uniform(-1.5, 1.5, w.seeds.shape).astype(np.float16)
+    seeds = w.seeds.view(np.uint64) | (alpha_bits(alpha) << np.uint64(40))
+    return dataclasses.replace(w, seeds=seeds.view(np.int64), center=rng.standard_normal(K).astype(np.float32))
+
+
+def build_centered(tmp_path, *, center=None, center_as_input=False, seeds=None, bias=None, accuracy_level=None):
+    """An RBEFusedGemm node with inputs [A, codes, bias or "", center]; center=None uses the weight's."""
+    w = centered_weight()
+    attrs = dict(K=K, N=N, block_size=64, bits=4, scale0=float(w.scale0),
+                 seeds=numpy_helper.from_array(w.seeds if seeds is None else seeds, "seeds"))
+    if accuracy_level is not None:
+        attrs["accuracy_level"] = accuracy_level
+    node = helper.make_node("RBEFusedGemm", ["A", "codes", "" if bias is None else "bias", "center"], ["Y"],
+                            name="centered_node", domain="ai.rbe", **attrs)
+    center = w.center if center is None else center
+    inits = [numpy_helper.from_array(w.codes, "codes")]
+    graph_inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, None)]
+    if center_as_input:
+        graph_inputs.append(helper.make_tensor_value_info("center", TensorProto.FLOAT, [K]))
+    else:
+        inits.append(numpy_helper.from_array(center, "center"))
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "bias"))
+    graph = helper.make_graph([node], "g", graph_inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.rbe", 1)])
+    model.ir_version = 10
+    path = tmp_path / "centered.onnx"
+    path.write_bytes(model.SerializeToString())
+    return str(path), w
+
+
+def test_center_input_gives_the_numpy_product(tmp_path):
+    from rbe_onnx import _kernels
+
+    rng = np.random.default_rng(6)
+    bias = rng.standard_normal(N).astype(np.float32)
+    A = rng.standard_normal((3, 2, K)).astype(np.float32)
+    for with_bias in (False, True):
+        path, w = build_centered(tmp_path, bias=bias if with_bias else None)
+        Y = session(path).run(None, {"A": A})[0]
+        ref = A.astype(np.float64) @ decode(w).astype(np.float64) + (bias if with_bias else 0)
+        assert Y.shape == (3, 2, N)
+        np.testing.assert_allclose(Y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # accuracy_level 4 (int8 activations, the center term on the float ones): the kernels' result, which
+    # test_kernels checks against the spec.
+    path, w = build_centered(tmp_path, bias=bias, accuracy_level=4)
+    Y = session(path).run(None, {"A": A})[0]
+    cpp = _kernels.Weight(w.seeds, w.codes, K, N, 64, 4, w.scale0, center=w.center)
+    want = cpp.gemm(A.reshape(-1, K), bias, isa="scalar", accuracy_level=4).reshape(3, 2, N)
+    np.testing.assert_allclose(Y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def _alpha_pattern(seeds: np.ndarray, pattern: int) -> np.ndarray:
+    out = seeds.copy()
+    u = out.view(np.uint64)
+    u[1, 1] = (u[1, 1] & ~(np.uint64(0xFFFF) << np.uint64(40))) | (np.uint64(pattern) << np.uint64(40))
+    return out
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(center_as_input=True), "input 'center' must be a constant initializer"),
+    (dict(center=np.ones(K + 1, np.float32)), "input 'center' must be a float32 tensor of shape [100] (K)"),
+    (dict(center=np.ones((1, K), np.float32)), "input 'center' must be a float32 tensor of shape [100] (K)"),
+    # The op declares center float32, so ORT's own type check rejects this one (naming the node too).
+    (dict(center=np.ones(K, np.float64)), "Type 'tensor(double)' of input parameter (center)"),
+    (dict(center=np.where(np.arange(K) == 7, np.nan, 1).astype(np.float32)), "center holds NaN or Inf"),
+    (dict(center=np.where(np.arange(K) == 99, -np.inf, 1).astype(np.float32)), "center holds NaN or Inf"),
+    (dict(seeds=_alpha_pattern(centered_weight().seeds, 0x7C00)), "seed [1, 1]: alpha is not finite"),
+    (dict(seeds=_alpha_pattern(centered_weight().seeds, 0xFE00)), "seed [1, 1]: alpha is not finite"),
+])
+def test_bad_center_fails_at_session_creation_with_node_name(tmp_path, kwargs, message):
+    path, _ = build_centered(tmp_path, **kwargs)
+    with pytest.raises(Exception) as err:
+        session(path)
+    assert "centered_node" in str(err.value) and message in str(err.value), str(err.value)
+
+
+def test_alpha_without_center_is_rejected(tmp_path):
+    """A node whose seeds carry a nonzero alpha (here only -0 in one seed) but no center input."""
+    w = encode(np.random.default_rng(0).standard_normal((K, N)).astype(np.float32), bits=4, block_size=64)
+    with pytest.raises(Exception) as err:
+        session(build(tmp_path, seeds=numpy_helper.from_array(_alpha_pattern(w.seeds, 0x8000), "seeds")))
+    assert "bad_node" in str(err.value) and "seed [1, 1]: alpha nonzero but the node has no center vector" \
+        in str(err.value), str(err.value)

@@ -71,16 +71,14 @@ def files_mb(model: Path) -> float:
 
 
 def with_accuracy_level(src: Path, dst: Path, level: int) -> Path:
-    """A copy of the graph with accuracy_level set on every RBEFusedGemm, sharing src's external data."""
+    """A copy of the graph with accuracy_level set on every RBEFusedGemm (what `rewrite --accuracy-level` does),
+    sharing src's external data so that one encoding serves both arithmetics."""
     import onnx
-    from onnx import helper
+
+    from rbe_onnx.passes import set_accuracy_level
 
     m = onnx.load(str(src), load_external_data=False)
-    for node in m.graph.node:
-        if node.op_type == "RBEFusedGemm":
-            keep = [a for a in node.attribute if a.name != "accuracy_level"]
-            del node.attribute[:]
-            node.attribute.extend(keep + [helper.make_attribute("accuracy_level", level)])
+    set_accuracy_level(m, level)
     onnx.save(m, str(dst))
     return dst
 

@@ -20,20 +20,31 @@ from rbe_onnx.anchors import matmulnbits_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
-RBE_SETTINGS = [  # (label, bits, block, calibrate)
-    ("RBE 4b/64 RTN", 4, 64, False),
-    ("RBE 4b/128 calibrated", 4, 128, True),
-    ("RBE 3b/128 calibrated", 3, 128, True),
-    ("RBE 3b/256 calibrated", 3, 256, True),
+RBE_SETTINGS = [  # (label, bits, block, calibrate, target bits/weight, distillation steps)
+    ("RBE 4b/64 RTN", 4, 64, False, None, 0),
+    ("RBE 4b/128 calibrated", 4, 128, True, None, 0),
+    ("RBE 3b/256 calibrated", 3, 256, True, None, 0),
+    ("RBE --target-bpw 4.5", 0, 0, True, 4.5, 0),
+    ("RBE --target-bpw 3.3", 0, 0, True, 3.3, 0),
 ]
+GPT2_ONLY = [("RBE --target-bpw 3.3 --distill 100", 0, 0, True, 3.3, 100)]  # distillation needs logits
 
 
-def rbe(src: Path, out: Path, bits: int, block: int, calibrate: bool) -> float:
+def rbe(src: Path, out: Path, bits: int, block: int, calibrate: bool, target: float | None, distill: int) -> float:
     from rbe_onnx.compressor import read_report, rewrite, totals
 
     if not out.exists():
-        rewrite(src, out, bits=bits, block_size=block, calibrate=calibrate, progress=False)
+        if target is None:
+            rewrite(src, out, bits=bits, block_size=block, calibrate=calibrate, distill_steps=distill,
+                    progress=False)
+        else:
+            rewrite(src, out, target_bpw=target, calibrate=True, distill_steps=distill, progress=False)
     return totals(read_report(out))["bits_per_weight"]
+
+
+def variant_dir(prefix: str, bits: int, block: int, calibrate: bool, target: float | None, distill: int) -> str:
+    name = f"{prefix}-rbe-target{target}" if target else f"{prefix}-rbe{bits}b{block}{'c' if calibrate else ''}"
+    return name + (f"-distill{distill}" if distill else "")
 
 
 def files_mb(model: Path) -> float:
@@ -56,9 +67,9 @@ def gpt2_rows(work: Path, windows_n: int) -> list[dict]:
     for block in (32, 128):
         out = work / f"gpt2-nbits{block}" / "model.onnx"
         variants.append((f"ORT MatMulNBits RTN 4b/{block}", matmulnbits_model(fp32, out, block), out))
-    for label, bits, block, cal in RBE_SETTINGS:
-        out = work / f"gpt2-rbe{bits}b{block}{'c' if cal else ''}" / "model.onnx"
-        variants.append((label, rbe(fp32, out, bits, block, cal), out))
+    for label, *setting in RBE_SETTINGS + GPT2_ONLY:
+        out = work / variant_dir("gpt2", *setting) / "model.onnx"
+        variants.append((label, rbe(fp32, out, *setting), out))
     rows = []
     for label, bpw, path in variants:
         session = reference if path == fp32 else make_session(path, threads=2)
@@ -84,9 +95,9 @@ def minilm_rows(work: Path, sentences: int) -> list[dict]:
     for block in (32, 128):
         out = work / f"minilm-nbits{block}" / "model.onnx"
         variants.append((f"ORT MatMulNBits RTN 4b/{block}", matmulnbits_model(fp32, out, block), out))
-    for label, bits, block, cal in [("RBE 8b/64 calibrated", 8, 64, True), *RBE_SETTINGS]:
-        out = work / f"minilm-rbe{bits}b{block}{'c' if cal else ''}" / "model.onnx"
-        variants.append((label, rbe(fp32, out, bits, block, cal), out))
+    for label, *setting in [("RBE 8b/64 calibrated", 8, 64, True, None, 0), *RBE_SETTINGS]:
+        out = work / variant_dir("minilm", *setting) / "model.onnx"
+        variants.append((label, rbe(fp32, out, *setting), out))
     rows = []
     for label, bpw, path in variants:
         rows.append({"model": label, "bpw": bpw, "MB": files_mb(path),

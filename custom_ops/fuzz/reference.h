@@ -1,7 +1,7 @@
 // An independent reading of docs/FORMAT.md for the fuzzer (fuzz_prepare.cc) and the sanitizer driver
-// (tests/sanitize_driver.cc): seed fields (§3), code unpacking (§4), validity (§6) and a double-precision
-// product Y = A·W + bias, plus the tolerance a float kernel must meet against it. Only the level tables
-// (§5) come from the library (rbe::level_table, itself tested against the numpy spec).
+// (tests/sanitize_driver.cc): seed fields (§3), code unpacking (§4), the center term (§5.1), validity (§6)
+// and a double-precision product Y = A·W + bias, plus the tolerance a float kernel must meet against it. Only
+// the level tables (§5) come from the library (rbe::level_table, itself tested against the numpy spec).
 // Nothing here calls the code under test's validator or decoder, so the two can disagree and be caught.
 #pragma once
 
@@ -19,7 +19,7 @@
 namespace rbe_ref {
 
 struct Seed {
-  uint32_t rho, theta, width, outliers, reserved, tag;
+  uint32_t rho, theta, width, outliers, alpha_bits, tag;
   int offset;
 };
 
@@ -31,7 +31,7 @@ inline Seed seed_fields(uint64_t s) {
   f.offset = off < 128 ? static_cast<int>(off) : static_cast<int>(off) - 256;
   f.width = static_cast<uint32_t>((s >> 28) & 0xFu);
   f.outliers = static_cast<uint32_t>((s >> 32) & 0xFFu);
-  f.reserved = static_cast<uint32_t>((s >> 40) & 0xFFFFu);
+  f.alpha_bits = static_cast<uint32_t>((s >> 40) & 0xFFFFu);
   f.tag = static_cast<uint32_t>(s >> 56);
   return f;
 }
@@ -42,6 +42,20 @@ inline int64_t make_seed(uint32_t rho, uint32_t theta, int offset, uint32_t widt
                      uint64_t{static_cast<uint8_t>(offset)} << 20 | uint64_t{width & 0xFu} << 28 |
                      uint64_t{0xB1} << 56;
   return static_cast<int64_t>(u);
+}
+
+// §3's alpha: an IEEE binary16 pattern, as sign · 2^(e − 15) · (1 + m/1024), or · 2^−14 · m/1024 when e = 0.
+inline bool alpha_finite(uint32_t h) { return ((h >> 10) & 0x1Fu) != 0x1Fu; }
+inline double alpha_value(uint32_t h) {
+  const int e = static_cast<int>((h >> 10) & 0x1Fu);
+  const double m = static_cast<double>(h & 0x3FFu) / 1024.0;
+  const double v = e == 0 ? std::ldexp(m, -14) : std::ldexp(1.0 + m, e - 15);
+  return (h & 0x8000u) ? -v : v;
+}
+
+// A seed with the binary16 pattern `alpha` in bits 40-55.
+inline int64_t with_alpha(int64_t seed, uint16_t alpha) {
+  return static_cast<int64_t>((static_cast<uint64_t>(seed) & ~(uint64_t{0xFFFF} << 40)) | uint64_t{alpha} << 40);
 }
 
 inline bool bits_ok(int64_t b) { return b == 2 || b == 3 || b == 4 || b == 8; }
@@ -58,19 +72,26 @@ inline float block_scale(float scale0, uint32_t rho) {
 }
 
 // The first §6 rule the weight breaks, or "" when it is valid. Sizes are only computed for a valid shape.
+// center: null for a node without one, else n_center floats.
 inline std::string invalid_reason(int64_t K, int64_t N, int64_t bs, int64_t bits, float scale0,
                                   const int64_t* seeds, int64_t n_seeds, const uint8_t* codes,
-                                  int64_t n_code_bytes) {
+                                  int64_t n_code_bytes, const float* center = nullptr, int64_t n_center = 0) {
   if (!shape_ok(K, N, bs, bits, scale0)) return "shape/attributes out of range";
   const int64_t nb = (K + bs - 1) / bs;
   if (n_seeds != N * nb || seeds == nullptr) return "seed count";
   if (n_code_bytes != N * nb * bs * bits / 8 || codes == nullptr) return "code length";
+  if (center != nullptr) {
+    if (n_center != K) return "center length";
+    for (int64_t k = 0; k < K; ++k)
+      if (!std::isfinite(center[k])) return "center not finite";
+  }
   for (int64_t i = 0; i < n_seeds; ++i) {
     const Seed f = seed_fields(static_cast<uint64_t>(seeds[i]));
     if (f.tag != 0xB1) return "tag";
     if (f.width != static_cast<uint32_t>(bits)) return "width";
     if (f.outliers != 0) return "outliers";
-    if (f.reserved != 0) return "reserved";
+    if (!alpha_finite(f.alpha_bits)) return "alpha not finite";
+    if (f.alpha_bits != 0 && center == nullptr) return "alpha without center";
     if (bits == 8 && f.theta != 4) return "theta with 8 bits";
     if (!std::isfinite(block_scale(scale0, f.rho))) return "scale overflow";
   }
@@ -103,9 +124,11 @@ struct Product {
   std::vector<bool> col_tame;
 };
 
-// Y = A·W + bias in double from the raw seeds and codes (the weight must be valid).
+// Y = A·W + bias in double from the raw seeds and codes (the weight must be valid); with a center (K
+// floats), w = d·(L + o) + α·c_k (§5.1).
 inline Product reference_gemm(int64_t K, int64_t N, int64_t bs, int bits, float scale0, const int64_t* seeds,
-                              const uint8_t* codes, const float* A, int64_t M, const float* bias) {
+                              const uint8_t* codes, const float* A, int64_t M, const float* bias,
+                              const float* center = nullptr) {
   const int64_t nb = (K + bs - 1) / bs, block_bytes = bs * bits / 8;
   Product p;
   p.y.assign(static_cast<size_t>(M * N), 0.0);
@@ -129,10 +152,12 @@ inline Product reference_gemm(int64_t K, int64_t N, int64_t bs, int bits, float 
       if (!(d * (128.0 + std::abs(f.offset)) < 0.25 * FLT_MAX)) p.col_tame[n] = false;
       const std::vector<int>& L = tables[f.theta];
       const uint8_t* block = codes + (n * nb + b) * block_bytes;
+      const double alpha = center ? alpha_value(f.alpha_bits) : 0.0;
       for (int64_t i = 0; i < bs && b * bs + i < K; ++i) {
         const int level = L[static_cast<size_t>(code_at(block, bits, static_cast<int>(i)))];
-        w[b * bs + i] = d * (level + f.offset);
-        wmag[b * bs + i] = d * (std::abs(level) + std::abs(f.offset));
+        const double c = center ? center[b * bs + i] : 0.0;
+        w[b * bs + i] = d * (level + f.offset) + alpha * c;
+        wmag[b * bs + i] = d * (std::abs(level) + std::abs(f.offset)) + std::fabs(alpha * c);
       }
     }
     for (int64_t m = 0; m < M; ++m) {

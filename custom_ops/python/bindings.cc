@@ -30,11 +30,18 @@ struct Weight {
   rbe::PreparedWeight w;
 };
 
+// center: None or K floats (FORMAT.md §5.1); prepare_weight copies it, so it need not outlive the call.
 Weight make_weight(const I64& seeds, const U8& codes, int64_t K, int64_t N, int64_t block_size, int64_t bits,
-                   float scale0) {
+                   float scale0, py::object center) {
   rbe::WeightShape s{K, N, block_size, bits, scale0};
   Weight out{codes, {}};
-  out.w = rbe::prepare_weight(s, seeds.data(), seeds.size(), out.codes.data(), out.codes.size());
+  F32 c;
+  if (!center.is_none()) {
+    c = center.cast<F32>();
+    if (c.ndim() != 1) throw rbe::FormatError("center must be 1-D");
+  }
+  out.w = rbe::prepare_weight(s, seeds.data(), seeds.size(), out.codes.data(), out.codes.size(),
+                              center.is_none() ? nullptr : c.data(), center.is_none() ? 0 : c.size());
   return out;
 }
 
@@ -193,7 +200,7 @@ PYBIND11_MODULE(_kernels, m) {
   py::register_exception<rbe::FormatError>(m, "FormatError", PyExc_ValueError);
   py::class_<Weight>(m, "Weight")
       .def(py::init(&make_weight), py::arg("seeds"), py::arg("codes"), py::arg("K"), py::arg("N"),
-           py::arg("block_size"), py::arg("bits"), py::arg("scale0"))
+           py::arg("block_size"), py::arg("bits"), py::arg("scale0"), py::arg("center") = py::none())
       .def("gemm", &gemm, py::arg("a"), py::arg("bias") = py::none(), py::arg("isa") = "auto",
            py::arg("threads") = 1, py::arg("accuracy_level") = 0)
       .def("decode", &decode);

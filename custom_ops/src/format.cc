@@ -1,7 +1,9 @@
 #include "rbe/format.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <sstream>
 
 namespace rbe {
@@ -14,9 +16,22 @@ SeedFields unpack_seed(uint64_t s) {
   f.offset = off >= 128 ? static_cast<int32_t>(off) - 256 : static_cast<int32_t>(off);
   f.width = static_cast<uint32_t>((s >> 28) & 0xF);
   f.outliers = static_cast<uint32_t>((s >> 32) & 0xFF);
-  f.reserved = static_cast<uint32_t>((s >> 40) & 0xFFFF);
+  f.alpha_bits = static_cast<uint32_t>((s >> 40) & 0xFFFF);
   f.tag = static_cast<uint32_t>((s >> 56) & 0xFF);
   return f;
+}
+
+// By value rather than by bit manipulation into a float32 pattern: every binary16 number is m·2^e with an
+// 11-bit m, which float32 holds exactly, so ldexp is exact and needs no F16C or _Float16 support.
+float half_to_float(uint16_t h) {
+  const int exponent = (h >> 10) & 0x1F;
+  const uint32_t mantissa = h & 0x3FFu;
+  float v;
+  if (exponent == 0x1F)
+    v = mantissa ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  else if (exponent == 0) v = std::ldexp(static_cast<float>(mantissa), -24);  // zero and subnormals
+  else v = std::ldexp(static_cast<float>(mantissa | 0x400u), exponent - 25);
+  return (h & 0x8000u) ? -v : v;  // negation keeps -0 (a nonzero alpha pattern, §6)
 }
 
 bool is_supported_bits(int64_t b) { return b == 2 || b == 3 || b == 4 || b == 8; }
@@ -59,7 +74,8 @@ void validate_shape(const WeightShape& s) {
 }
 
 PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, int64_t n_seeds,
-                              const uint8_t* codes, int64_t n_code_bytes) {
+                              const uint8_t* codes, int64_t n_code_bytes, const float* center,
+                              int64_t n_center) {
   validate_shape(shape);
   const int64_t nb = shape.blocks_per_column();
   const int64_t n_blocks = shape.N * nb;
@@ -74,19 +90,39 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
       << " block_size=" << shape.block_size << " bits=" << shape.bits << ", got " << n_code_bytes;
     fail(m.str());
   }
+  const bool has_center = center != nullptr;
+  if (has_center) {
+    if (n_center != shape.K) {
+      std::ostringstream m;
+      m << "center must hold K = " << shape.K << " floats, got " << n_center;
+      fail(m.str());
+    }
+    for (int64_t k = 0; k < shape.K; ++k)
+      if (!std::isfinite(center[k])) {
+        std::ostringstream m;
+        m << "center holds NaN or Inf (center[" << k << "] = " << center[k] << ")";
+        fail(m.str());
+      }
+  }
   PreparedWeight w;
   w.shape = shape;
   w.codes = codes;
   w.scale.resize(n_blocks);
   w.offset.resize(n_blocks);
   w.theta.resize(n_blocks);
+  if (has_center) {
+    w.alpha.resize(n_blocks);
+    w.center.assign(static_cast<size_t>(shape.padded_K()), 0.f);
+    std::copy(center, center + shape.K, w.center.begin());
+  }
   for (int64_t i = 0; i < n_blocks; ++i) {
     const SeedFields f = unpack_seed(static_cast<uint64_t>(seeds[i]));
     const char* bad = nullptr;
     if (f.tag != kSeedTag) bad = "tag is not 0xB1 (not an RBE v1 seed)";
     else if (f.width != static_cast<uint32_t>(shape.bits)) bad = "width field differs from the bits attribute";
     else if (f.outliers != 0) bad = "outlier count nonzero (not allowed in v1)";
-    else if (f.reserved != 0) bad = "reserved bits set";
+    else if ((f.alpha_bits & 0x7C00u) == 0x7C00u) bad = "alpha is not finite";
+    else if (f.alpha_bits != 0 && !has_center) bad = "alpha nonzero but the node has no center vector";
     else if (shape.bits == 8 && f.theta != kUniformTheta) bad = "theta != 4 with 8-bit codes";
     if (bad) {
       std::ostringstream m;
@@ -97,6 +133,7 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
     w.scale[i] = static_cast<float>(d);
     w.offset[i] = static_cast<float>(f.offset);
     w.theta[i] = static_cast<uint8_t>(f.theta);
+    if (has_center) w.alpha[(i % nb) * shape.N + i / nb] = half_to_float(static_cast<uint16_t>(f.alpha_bits));
     if (!std::isfinite(w.scale[i])) {
       std::ostringstream m;
       m << "seed [" << i / nb << ", " << i % nb << "]: scale overflows float32 (scale0 too large)";
@@ -119,6 +156,13 @@ void decode_block(const PreparedWeight& w, int64_t blk, float* out) {
                      codes);
   const std::vector<int>& L = w.levels[w.theta[blk]];
   for (int64_t i = 0; i < s.block_size; ++i) out[i] = w.scale[blk] * static_cast<float>(L[codes[i]] + w.offset[blk]);
+  if (!w.has_center()) return;
+  // Two rounded products and one rounded sum (§5.1): this file is built with -ffp-contract=off, since a
+  // fused multiply-add here would round once less than the numpy spec and change the bits.
+  const int64_t nb = s.blocks_per_column();
+  const float alpha = w.alpha[(blk % nb) * s.N + blk / nb];
+  const float* c = w.center.data() + (blk % nb) * s.block_size;
+  for (int64_t i = 0; i < s.block_size; ++i) out[i] = out[i] + alpha * c[i];
 }
 
 void unpack_block_codes(const uint8_t* block, int bits, int block_size, uint8_t* out) {

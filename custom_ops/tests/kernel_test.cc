@@ -4,7 +4,10 @@
 // chose (§3, §5), independently of format.cc, then checks
 //   1. the scalar kernel against that direct double-precision product,
 //   2. every other available ISA (AVX2 on x86, NEON on aarch64) against the scalar kernel,
-// both to max|diff| <= 1e-5 · max|ref|, and that malformed inputs throw rbe::FormatError.
+// both to max|diff| <= 1e-5 · max|ref|, that rbe::decode_weight gives the decoded weights bit for bit, and that
+// malformed inputs throw rbe::FormatError. Cases with a center vector (§5.1) put a random binary16 alpha in
+// every seed and add float32(α·c_k) to the test's own decode (rounded separately, never fused, as the spec
+// says: under qemu this checks that the aarch64 build of format.cc does not contract it into an FMA).
 // The int8 path (accuracy_level 4) the same way: the test quantizes the activations itself (FORMAT.md §2.1;
 // the library's quantize_row_int8 must match it bit for bit), computes the integer block sums directly, and
 // checks the scalar int8 kernel against that and every SIMD ISA's int8 path against the scalar one.
@@ -13,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <string>
@@ -34,10 +38,29 @@ void report(bool ok, const std::string& what) {
   }
 }
 
-// Seed per FORMAT.md §3: rho 0-15, theta 16-19, offset 20-27 (int8), width 28-31, tag 56-63.
-uint64_t make_seed(uint32_t rho, uint32_t theta, int32_t offset, uint32_t width) {
+// Seed per FORMAT.md §3: rho 0-15, theta 16-19, offset 20-27 (int8), width 28-31, alpha 40-55, tag 56-63.
+uint64_t make_seed(uint32_t rho, uint32_t theta, int32_t offset, uint32_t width, uint16_t alpha = 0) {
   return uint64_t{rho & 0xFFFFu} | uint64_t{theta & 0xFu} << 16 | uint64_t{static_cast<uint8_t>(offset)} << 20 |
-         uint64_t{width & 0xFu} << 28 | uint64_t{rbe::kSeedTag} << 56;
+         uint64_t{width & 0xFu} << 28 | uint64_t{alpha} << 40 | uint64_t{rbe::kSeedTag} << 56;
+}
+
+// binary16 (§3's alpha) by its definition: ±2^(e−15)·(1 + m/1024), subnormal ±2^−14·(m/1024); e = 31 is
+// never passed here.
+float half_value(uint16_t h) {
+  const int e = (h >> 10) & 0x1F;
+  const double m = (h & 0x3FF) / 1024.0;
+  const double v = e == 0 ? std::ldexp(m, -14) : std::ldexp(1.0 + m, e - 15);
+  return static_cast<float>((h & 0x8000) ? -v : v);
+}
+
+// A finite binary16 alpha: |α| in [2^-10, 2^9) so that the center term is as large as the rest of the weight
+// (up to ~e^8·1e-3·255), or now and then ±0 or a subnormal.
+uint16_t random_alpha(std::mt19937_64& rng) {
+  static const uint16_t kSpecial[] = {0x0000, 0x8000, 0x0001, 0x83FF};
+  const uint64_t r = rng();
+  if (r % 8 == 0) return kSpecial[(r >> 3) % 4];
+  const uint64_t exponent = 5 + (r >> 8) % 19;
+  return static_cast<uint16_t>(((r >> 24) & 1) << 15 | exponent << 10 | ((r >> 32) & 0x3FF));
 }
 
 // Packs one block of codes (block_size values < 2^bits) per FORMAT.md §4, written from the table there
@@ -69,14 +92,19 @@ void pack_block(const uint8_t* codes, int bits, int block_size, uint8_t* out) {
 struct Case {
   int bits, block_size;
   int64_t K, N;
+  bool center = false;  // a center vector and a random alpha per block (§5.1)
 };
 
-// Random valid weight: seeds, packed codes, and the K x N matrix those encode (computed here, §5).
+// Random valid weight: seeds, packed codes, and the K x N matrix those encode (computed here, §5, §5.1).
 struct RandomWeight {
   rbe::WeightShape shape;
   std::vector<int64_t> seeds;
   std::vector<uint8_t> codes;
-  std::vector<double> W;  // K x N row-major
+  std::vector<double> W;       // K x N row-major: the weight, center term included (each a float32 value)
+  std::vector<double> W0;      // K x N: d·(L+o) alone
+  std::vector<float> center;   // K, empty without a center
+  std::vector<float> alpha;    // N·nb, empty without a center
+  const float* center_ptr() const { return center.empty() ? nullptr : center.data(); }
 };
 
 RandomWeight random_weight(const Case& c, std::mt19937_64& rng) {
@@ -90,6 +118,13 @@ RandomWeight random_weight(const Case& c, std::mt19937_64& rng) {
   r.seeds.resize(static_cast<size_t>(c.N * nb));
   r.codes.resize(static_cast<size_t>(r.shape.code_bytes()));
   r.W.assign(static_cast<size_t>(c.K * c.N), 0.0);
+  r.W0.assign(static_cast<size_t>(c.K * c.N), 0.0);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  if (c.center) {
+    r.center.resize(static_cast<size_t>(c.K));
+    for (auto& v : r.center) v = normal(rng);
+    r.alpha.resize(static_cast<size_t>(c.N * nb));
+  }
   // rho up to 4095: block scales over a factor e^8 ≈ 3000, as uneven as real weights get.
   std::uniform_int_distribution<uint32_t> rho_d(0, 4095), theta_d(0, 15), code_d(0, (1u << c.bits) - 1);
   std::uniform_int_distribution<int32_t> offset_d(-128, 127);
@@ -99,14 +134,22 @@ RandomWeight random_weight(const Case& c, std::mt19937_64& rng) {
       const uint32_t rho = rho_d(rng), theta = c.bits == 8 ? rbe::kUniformTheta : theta_d(rng);
       const int32_t offset = offset_d(rng);
       const int64_t blk = n * nb + b;
-      r.seeds[blk] = static_cast<int64_t>(make_seed(rho, theta, offset, static_cast<uint32_t>(c.bits)));
+      const uint16_t alpha = c.center ? random_alpha(rng) : 0;
+      if (c.center) r.alpha[blk] = half_value(alpha);
+      r.seeds[blk] = static_cast<int64_t>(make_seed(rho, theta, offset, static_cast<uint32_t>(c.bits), alpha));
       // Tail codes (k >= K) are random too, not the 0 an encoder writes: decoders must ignore them (§4).
       for (auto& code : block_codes) code = static_cast<uint8_t>(code_d(rng));
       pack_block(block_codes.data(), c.bits, c.block_size, r.codes.data() + blk * r.shape.block_bytes());
       const float d = static_cast<float>(static_cast<double>(r.shape.scale0) * std::exp(rho / 512.0));
       const std::vector<int> L = rbe::level_table(c.bits, static_cast<int>(theta));
-      for (int64_t i = 0; i < bs && b * bs + i < c.K; ++i)
-        r.W[(b * bs + i) * c.N + n] = static_cast<double>(d * static_cast<float>(L[block_codes[i]] + offset));
+      for (int64_t i = 0; i < bs && b * bs + i < c.K; ++i) {
+        const int64_t k = b * bs + i;
+        // volatile: each product rounded to float32 on its own, as §5.1 says, whatever the compiler contracts.
+        const volatile float base = d * static_cast<float>(L[block_codes[i]] + offset);
+        const volatile float term = c.center ? r.alpha[blk] * r.center[k] : 0.f;
+        r.W0[k * c.N + n] = static_cast<double>(base);
+        r.W[k * c.N + n] = static_cast<double>(c.center ? base + term : base);
+      }
     }
   return r;
 }
@@ -126,7 +169,8 @@ bool close(const std::vector<float>& got, const std::vector<double>& ref, double
 
 std::string describe(const Case& c, int64_t M, const std::string& what) {
   return "bits=" + std::to_string(c.bits) + " block_size=" + std::to_string(c.block_size) +
-         " K=" + std::to_string(c.K) + " N=" + std::to_string(c.N) + " M=" + std::to_string(M) + ": " + what;
+         " K=" + std::to_string(c.K) + " N=" + std::to_string(c.N) + (c.center ? " center" : "") +
+         " M=" + std::to_string(M) + ": " + what;
 }
 
 // FORMAT.md §2.1, written from the spec: per row and block, amax = max|a| (0 past K); s = amax/127 and
@@ -195,7 +239,8 @@ void test_gemm_int8(const Case& c, const RandomWeight& rw, const rbe::PreparedWe
       }
     }
     report(same, describe(c, M, "int8: quantize_row_int8 equals the spec"));
-    // Direct: Σ_b d·s·Σ_k (L[c_k] + o)·q_k with the weight's own decoded (L + o)·d = W, so (L + o) = W/d.
+    // Direct: Σ_b d·s·Σ_k (L[c_k] + o)·q_k with the weight's own decoded (L + o)·d = W0, so (L + o) = W0/d;
+    // with a center, + Σ_b α·Σ_k a_k·c_k on the float activations (§2.1).
     std::vector<double> direct(static_cast<size_t>(M * c.N));
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < c.N; ++n) {
@@ -203,9 +248,13 @@ void test_gemm_int8(const Case& c, const RandomWeight& rw, const rbe::PreparedWe
         for (int64_t b = 0; b < nb; ++b) {
           const double d = w.scale[n * nb + b];
           int64_t dot = 0;
-          for (int64_t k = b * bs; k < std::min(c.K, (b + 1) * bs); ++k)
-            dot += std::llround(rw.W[k * c.N + n] / d) * qz.q[m * Kp + k];
+          double center_dot = 0.0;
+          for (int64_t k = b * bs; k < std::min(c.K, (b + 1) * bs); ++k) {
+            dot += std::llround(rw.W0[k * c.N + n] / d) * qz.q[m * Kp + k];
+            if (c.center) center_dot += static_cast<double>(A[m * c.K + k]) * rw.center[k];
+          }
           acc += d * static_cast<double>(qz.scale[m * nb + b]) * static_cast<double>(dot);
+          if (c.center) acc += static_cast<double>(rw.alpha[n * nb + b]) * center_dot;
         }
         direct[m * c.N + n] = acc;
       }
@@ -255,10 +304,25 @@ void test_gemm(const Case& c, const std::vector<rbe::Isa>& simd, double* worst, 
   rbe::PreparedWeight w;
   try {
     w = rbe::prepare_weight(rw.shape, rw.seeds.data(), static_cast<int64_t>(rw.seeds.size()), rw.codes.data(),
-                            static_cast<int64_t>(rw.codes.size()));
+                            static_cast<int64_t>(rw.codes.size()), rw.center_ptr(),
+                            static_cast<int64_t>(rw.center.size()));
   } catch (const std::exception& e) {
     report(false, describe(c, 0, std::string("prepare_weight threw: ") + e.what()));
     return;
+  }
+  {
+    // The library's decoder against the test's own, bit for bit (compared as bit patterns).
+    std::vector<float> D(static_cast<size_t>(c.K * c.N));
+    rbe::decode_weight(w, D.data());
+    size_t first_bad = D.size();
+    for (size_t i = 0; i < D.size() && first_bad == D.size(); ++i) {
+      const float want = static_cast<float>(rw.W[i]);
+      if (std::memcmp(&D[i], &want, sizeof(float)) != 0) first_bad = i;
+    }
+    report(first_bad == D.size(), describe(c, 0, "decode_weight bit-exact" +
+                                                 (first_bad == D.size() ? std::string()
+                                                                        : " (first difference at " +
+                                                                              std::to_string(first_bad) + ")")));
   }
   std::normal_distribution<float> normal(0.f, 1.f);
   std::vector<float> bias(static_cast<size_t>(c.N));
@@ -328,7 +392,10 @@ void test_malformed() {
   expect_format_error("bad tag", [&] { prepare(good.shape, with_seed((ok_seed & ~(0xFFull << 56)) | 0xB2ull << 56), nbytes); });
   expect_format_error("width != bits", [&] { prepare(good.shape, with_seed(make_seed(100, 3, -5, 3)), nbytes); });
   expect_format_error("outliers nonzero", [&] { prepare(good.shape, with_seed(ok_seed | 1ull << 32), nbytes); });
-  expect_format_error("reserved bits set", [&] { prepare(good.shape, with_seed(ok_seed | 1ull << 47), nbytes); });
+  expect_format_error("alpha without a center", [&] { prepare(good.shape, with_seed(ok_seed | 1ull << 47), nbytes); });
+  expect_format_error("alpha -0 without a center", [&] {
+    prepare(good.shape, with_seed(make_seed(100, 3, -5, 4, 0x8000)), nbytes);
+  });
   expect_format_error("seed count short", [&] {
     std::vector<int64_t> s = good.seeds;
     s.pop_back();
@@ -354,6 +421,38 @@ void test_malformed() {
   expect_format_error("scale overflows float32", [&] {
     prepare(shape_with([](rbe::WeightShape& s) { s.scale0 = 1e30f; }), with_seed(make_seed(0xFFFF, 3, 0, 4)), nbytes);
   });
+
+  // The center vector (§5.1, §6): K finite floats; alpha finite, and nonzero only with a center.
+  {
+    std::vector<float> center(static_cast<size_t>(good.shape.K), 0.25f);
+    auto prepare_centered = [&](std::vector<int64_t> seeds, const std::vector<float>& cv) {
+      rbe::prepare_weight(good.shape, seeds.data(), static_cast<int64_t>(seeds.size()), good.codes.data(), nbytes,
+                          cv.data(), static_cast<int64_t>(cv.size()));
+    };
+    for (uint16_t h : {uint16_t{0x8000}, uint16_t{0x0001}, uint16_t{0x7BFF}, uint16_t{0xFBFF}}) {
+      prepare_centered(with_seed(make_seed(100, 3, -5, 4, h)), center);  // must not throw
+      report(true, "malformed: finite alpha " + std::to_string(h) + " with a center accepted");
+    }
+    prepare_centered(good.seeds, center);
+    report(true, "malformed: center with all alphas 0 accepted");
+    for (uint16_t h : {uint16_t{0x7C00}, uint16_t{0xFC00}, uint16_t{0x7E00}, uint16_t{0x7C01}})
+      expect_format_error("alpha " + std::to_string(h) + " (Inf/NaN) with a center",
+                          [&] { prepare_centered(with_seed(make_seed(100, 3, -5, 4, h)), center); });
+    expect_format_error("center of K-1 values", [&] {
+      prepare_centered(good.seeds, std::vector<float>(center.begin(), center.end() - 1));
+    });
+    expect_format_error("center of K+1 values", [&] {
+      std::vector<float> longer = center;
+      longer.push_back(0.f);
+      prepare_centered(good.seeds, longer);
+    });
+    for (float bad : {NAN, INFINITY, -INFINITY})
+      expect_format_error("center holding " + std::to_string(bad), [&] {
+        std::vector<float> cv = center;
+        cv[cv.size() / 2] = bad;
+        prepare_centered(good.seeds, cv);
+      });
+  }
 
   // 8-bit codes have one level table: theta must be 4.
   const Case c8{8, 32, 32, 2};
@@ -404,6 +503,12 @@ int main() {
   for (int bits : {2, 3, 4, 8})
     for (int block_size : {32, 64, 128, 256})
       for (const auto& kn : shapes) test_gemm(Case{bits, block_size, kn[0], kn[1]}, simd, &worst, &worst_int8);
+  // With a center: a single value, a tail block, whole blocks.
+  const int64_t center_shapes[][2] = {{1, 5}, {77, 19}, {256, 48}};
+  for (int bits : {2, 3, 4, 8})
+    for (int block_size : {32, 64, 128, 256})
+      for (const auto& kn : center_shapes)
+        test_gemm(Case{bits, block_size, kn[0], kn[1], true}, simd, &worst, &worst_int8);
   if (!simd.empty())
     std::printf("kernel_test: worst SIMD rel error vs scalar: float %.3g, int8 %.3g\n", worst, worst_int8);
   test_malformed();

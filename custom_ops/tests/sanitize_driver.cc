@@ -6,7 +6,8 @@
 //  2. rbe::gemm for every bits x block_size x available ISA, M = 1, 3, 17, K below, above and not a multiple
 //     of the block size, with and without bias, serial and on a std::thread pool: every result against the
 //     double-precision reference of fuzz/reference.h, and every SIMD result against the scalar one;
-//  3. NaN/Inf rows in A, M = 0, unknown/unavailable ISAs, decode_weight.
+//  3. NaN/Inf rows in A, M = 0, unknown/unavailable ISAs, decode_weight;
+//  4. the center vector (§5.1): prepare_weight's center and alpha rules, gemm with a center on every ISA.
 // Every buffer is a heap allocation of exactly the size handed over, so any overread is reported.
 // Exit status 0 and "sanitize_driver: ok" on stdout when every check passed; 1 otherwise.
 #include <algorithm>
@@ -40,16 +41,28 @@ void expect(bool ok, const std::string& what) {
   }
 }
 
-// A weight in exactly-sized heap buffers.
+// A weight in exactly-sized heap buffers; center null for a node without one.
 struct Buffers {
   rbe::WeightShape shape;
   std::unique_ptr<int64_t[]> seeds;
   int64_t n_seeds = 0;
   std::unique_ptr<uint8_t[]> codes;
   int64_t n_codes = 0;
+  std::unique_ptr<float[]> center;
+  int64_t n_center = 0;
 };
 
-Buffers random_weight(int64_t K, int64_t N, int64_t bs, int64_t bits, float scale0, std::mt19937_64& rng) {
+// A finite binary16 alpha: mostly |α| in [2^-10, 8), and now and then ±0 or a subnormal.
+uint16_t random_alpha(std::mt19937_64& rng) {
+  static const uint16_t kSpecial[] = {0x0000, 0x8000, 0x0001, 0x83FF};
+  const uint64_t r = rng();
+  if (r % 8 == 0) return kSpecial[(r >> 3) % 4];
+  const uint16_t exponent = static_cast<uint16_t>(5 + (r >> 8) % 13);
+  return static_cast<uint16_t>((r >> 24 & 1) << 15 | exponent << 10 | ((r >> 32) & 0x3FF));
+}
+
+Buffers random_weight(int64_t K, int64_t N, int64_t bs, int64_t bits, float scale0, std::mt19937_64& rng,
+                      bool with_center = false) {
   Buffers b;
   b.shape.K = K;
   b.shape.N = N;
@@ -67,6 +80,13 @@ Buffers random_weight(int64_t K, int64_t N, int64_t bs, int64_t bits, float scal
                                     static_cast<int>((r >> 24) % 256) - 128, static_cast<uint32_t>(bits));
   }
   for (int64_t i = 0; i < b.n_codes; ++i) b.codes[i] = static_cast<uint8_t>(rng());
+  if (with_center) {
+    b.n_center = K;
+    b.center.reset(new float[static_cast<size_t>(K)]);
+    std::uniform_real_distribution<float> u(-1.f, 1.f);
+    for (int64_t k = 0; k < K; ++k) b.center[k] = u(rng);
+    for (int64_t i = 0; i < b.n_seeds; ++i) b.seeds[i] = rbe_ref::with_alpha(b.seeds[i], random_alpha(rng));
+  }
   return b;
 }
 
@@ -77,11 +97,12 @@ std::string describe(const rbe::WeightShape& s) {
 
 // prepare_weight on the given buffers; checks the verdict against reference.h.
 bool try_prepare(const rbe::WeightShape& s, const int64_t* seeds, int64_t n_seeds, const uint8_t* codes,
-                 int64_t n_codes, const std::string& what, rbe::PreparedWeight* out = nullptr) {
-  const std::string expected =
-      rbe_ref::invalid_reason(s.K, s.N, s.block_size, s.bits, s.scale0, seeds, n_seeds, codes, n_codes);
+                 int64_t n_codes, const std::string& what, rbe::PreparedWeight* out = nullptr,
+                 const float* center = nullptr, int64_t n_center = 0) {
+  const std::string expected = rbe_ref::invalid_reason(s.K, s.N, s.block_size, s.bits, s.scale0, seeds, n_seeds,
+                                                       codes, n_codes, center, n_center);
   try {
-    rbe::PreparedWeight w = rbe::prepare_weight(s, seeds, n_seeds, codes, n_codes);
+    rbe::PreparedWeight w = rbe::prepare_weight(s, seeds, n_seeds, codes, n_codes, center, n_center);
     expect(expected.empty(), what + ": accepted although the spec rejects it (" + expected + ")");
     if (out) *out = std::move(w);
     return true;
@@ -217,9 +238,9 @@ void check_gemm_case(const Buffers& b, int64_t M, bool with_bias, bool threaded,
                      int nan_row = -1, int inf_row = -1) {
   const rbe::WeightShape& s = b.shape;
   const std::string tag = describe(s) + " M=" + std::to_string(M) + (with_bias ? " bias" : "") +
-                          (threaded ? " threads" : "");
+                          (threaded ? " threads" : "") + (b.center ? " center" : "");
   rbe::PreparedWeight w;
-  if (!try_prepare(s, b.seeds.get(), b.n_seeds, b.codes.get(), b.n_codes, tag, &w)) {
+  if (!try_prepare(s, b.seeds.get(), b.n_seeds, b.codes.get(), b.n_codes, tag, &w, b.center.get(), b.n_center)) {
     expect(false, tag + ": weight rejected");
     return;
   }
@@ -234,7 +255,8 @@ void check_gemm_case(const Buffers& b, int64_t M, bool with_bias, bool threaded,
     for (int64_t n = 0; n < s.N; ++n) bias[n] = u(rng);
   }
   const rbe_ref::Product ref = rbe_ref::reference_gemm(s.K, s.N, s.block_size, static_cast<int>(s.bits), s.scale0,
-                                                       b.seeds.get(), b.codes.get(), A.get(), M, bias.get());
+                                                       b.seeds.get(), b.codes.get(), A.get(), M, bias.get(),
+                                                       b.center.get());
   const size_t ny = static_cast<size_t>(M * s.N);
   std::unique_ptr<float[]> scalar(new float[ny]);
   rbe::gemm(w, A.get(), M, bias.get(), scalar.get(), rbe::Isa::Scalar);
@@ -285,6 +307,66 @@ void check_gemm(std::mt19937_64& rng) {
     const Buffers b = random_weight(4096 + 3, 300, 128, 4, 1e-3f, rng);
     check_gemm_case(b, 2, true, true, rng);
   }
+  // With a center (§5.1): the dispatcher's center term on every ISA, tail blocks and NaN/Inf rows included.
+  for (int64_t bits : kBits)
+    for (int64_t bs : kBlocks)
+      for (int64_t K : {int64_t{5}, bs + 1, 2 * bs}) {
+        const Buffers b = random_weight(K, 37, bs, bits, 2e-3f, rng, /*with_center=*/true);
+        for (int64_t M : {1, 3, 17}) check_gemm_case(b, M, M == 3, /*threaded=*/M == 17, rng);
+        check_gemm_case(b, 3, false, false, rng, /*nan_row=*/1, /*inf_row=*/2);
+      }
+}
+
+// prepare_weight's center rules (§6): alpha finite, nonzero only with a center; the center K finite floats.
+void check_center_rules(std::mt19937_64& rng) {
+  for (int64_t bits : {int64_t{3}, int64_t{8}}) {
+    Buffers b = random_weight(100, 7, 32, bits, 1e-3f, rng, /*with_center=*/true);
+    Buffers plain = random_weight(100, 7, 32, bits, 1e-3f, rng);
+    const std::string tag = describe(b.shape) + " center";
+    expect(try_prepare(b.shape, b.seeds.get(), b.n_seeds, b.codes.get(), b.n_codes, tag, nullptr, b.center.get(),
+                       b.n_center), tag + ": valid centered weight rejected");
+    // A center with every alpha zero is valid (a node may carry a center no block uses).
+    expect(try_prepare(plain.shape, plain.seeds.get(), plain.n_seeds, plain.codes.get(), plain.n_codes,
+                       tag + " zero alphas", nullptr, b.center.get(), b.n_center),
+           tag + ": center with all-zero alphas rejected");
+    for (int64_t delta : {-1, 1}) {  // center of the wrong length, its buffer sized to what is claimed
+      const int64_t n = b.n_center + delta;
+      std::unique_ptr<float[]> c(new float[static_cast<size_t>(n)]());
+      expect(!try_prepare(b.shape, b.seeds.get(), b.n_seeds, b.codes.get(), b.n_codes, tag + " length", nullptr,
+                          c.get(), n), tag + ": center of length K" + (delta < 0 ? "-1" : "+1") + " accepted");
+    }
+    for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                      -std::numeric_limits<float>::infinity()})
+      for (int64_t where : {int64_t{0}, b.n_center - 1}) {
+        const float saved = b.center[where];
+        b.center[where] = bad;
+        expect(!try_prepare(b.shape, b.seeds.get(), b.n_seeds, b.codes.get(), b.n_codes, tag + " non-finite",
+                            nullptr, b.center.get(), b.n_center), tag + ": non-finite center accepted");
+        b.center[where] = saved;
+      }
+    // alpha patterns: ±Inf and NaNs are rejected with or without a center; any other nonzero pattern (-0
+    // included) only without one.
+    const uint16_t kNonFinite[] = {0x7C00, 0xFC00, 0x7C01, 0x7E00, 0xFFFF};
+    const uint16_t kNonzero[] = {0x8000, 0x0001, 0x3C00, 0x7BFF, 0xFBFF};
+    for (int64_t where : {int64_t{0}, plain.n_seeds - 1}) {
+      const int64_t saved = plain.seeds[where];
+      for (uint16_t h : kNonFinite) {
+        plain.seeds[where] = rbe_ref::with_alpha(saved, h);
+        expect(!try_prepare(plain.shape, plain.seeds.get(), plain.n_seeds, plain.codes.get(), plain.n_codes,
+                            tag + " alpha non-finite", nullptr, b.center.get(), b.n_center),
+               tag + ": non-finite alpha accepted");
+      }
+      for (uint16_t h : kNonzero) {
+        plain.seeds[where] = rbe_ref::with_alpha(saved, h);
+        expect(!try_prepare(plain.shape, plain.seeds.get(), plain.n_seeds, plain.codes.get(), plain.n_codes,
+                            tag + " alpha without center"), tag + ": nonzero alpha without a center accepted");
+        expect(try_prepare(plain.shape, plain.seeds.get(), plain.n_seeds, plain.codes.get(), plain.n_codes,
+                           tag + " alpha with center", nullptr, b.center.get(), b.n_center),
+               tag + ": finite alpha with a center rejected");
+      }
+      plain.seeds[where] = saved;
+    }
+  }
 }
 
 void check_misc(std::mt19937_64& rng) {
@@ -327,6 +409,7 @@ int main() {
   std::printf("sanitize_driver: best ISA %s\n", rbe::isa_name(rbe::best_isa()));
   check_prepare(rng);
   check_gemm(rng);
+  check_center_rules(rng);
   check_misc(rng);
   std::printf("sanitize_driver: %d checks, %d failures\n", g_checks, g_failures);
   if (g_failures == 0) std::printf("sanitize_driver: ok\n");

@@ -15,11 +15,16 @@ def level_tables(bits: int) -> np.ndarray:
 
 
 def decode(w: RBEWeight) -> np.ndarray:
-    """The float32 K x N matrix the weight stands for (§5: w = d · (L[c] + o))."""
+    """The float32 K x N matrix the weight stands for (§5: w = d · (L[c] + o), + α · c_k with a center, §5.1)."""
     f = {k: v.reshape(-1) for k, v in w.validate().items()}
     d = scales_from_rho(f["rho"], w.scale0)
     codes = unpack_codes(w.codes.reshape(-1, w.block_bytes), w.bits).astype(np.intp)  # [N·nb, bs]
     L = level_tables(w.bits)[f["theta"]]
     vals = np.take_along_axis(L, codes, axis=1).astype(np.float32) + f["offset"][:, None].astype(np.float32)
-    cols = (d[:, None] * vals).reshape(w.N, -1)[:, : w.K]
+    cols = d[:, None] * vals
+    if w.center is not None:
+        c = np.zeros(w.blocks_per_column * w.block_size, np.float32)
+        c[: w.K] = w.center
+        cols = cols + f["alpha"][:, None] * np.tile(c.reshape(-1, w.block_size), (w.N, 1))
+    cols = cols.reshape(w.N, -1)[:, : w.K]
     return np.ascontiguousarray(cols.T)

@@ -4,6 +4,9 @@ The search is vectorised over all blocks; each candidate (θ, shrink) costs one 
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from .codebook import levels, theta_candidates
@@ -16,6 +19,9 @@ from .weight import RBEWeight
 SHRINKS = {2: (1.0, 0.9, 0.8, 0.7, 0.6), 3: (1.0, 0.9, 0.8, 0.7), 4: (1.0, 0.92, 0.85), 8: (1.0,)}
 LEVEL_SPAN = 127.0
 REFITS = 2  # outermost |L| of the 2/3/4-bit tables; 8-bit spans -128..127
+MAX_WORKERS = 4
+PARALLEL_SIZE = 1 << 18  # weights below this encode on one thread (thread start-up would dominate)
+MIN_COLUMNS_PER_WORKER = 64
 
 
 def _blocks(W: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,14 +101,29 @@ def encode(W: np.ndarray, bits: int = 4, block_size: int = 64, scale0: float | N
         raise ValueError("weight holds NaN or Inf; it cannot be encoded")
     K, N = W.shape
     check_layout(K, N, bits, block_size, 1.0)
+    if scale0 is None:
+        scale0 = default_scale0(W, bits, block_size)
+    # Columns are independent and the codes are stored column by column, so column slices encode apart and
+    # concatenate; numpy releases the GIL in the search's array passes, so threads share the cores.
+    workers = min(os.cpu_count() or 1, MAX_WORKERS, N // MIN_COLUMNS_PER_WORKER) if W.size >= PARALLEL_SIZE else 1
+    if workers > 1:
+        parts = np.array_split(np.arange(N), workers)
+        with ThreadPoolExecutor(workers) as pool:
+            done = list(pool.map(lambda cols: _encode_columns(W[:, cols], bits, block_size, scale0), parts))
+        return RBEWeight(K=K, N=N, bits=bits, block_size=block_size, scale0=scale0,
+                         seeds=np.concatenate([w.seeds for w in done]),
+                         codes=np.concatenate([w.codes for w in done]))
+    return _encode_columns(W, bits, block_size, scale0)
+
+
+def _encode_columns(W: np.ndarray, bits: int, block_size: int, scale0: float) -> RBEWeight:
+    K, N = W.shape
     X, valid = _blocks(W, block_size)
     big = np.finfo(np.float32).max
     lo = np.where(valid, X, big).min(axis=1)
     hi = np.where(valid, X, -big).max(axis=1)
     center, half = (hi + lo) * 0.5, (hi - lo) * 0.5
     span = 127.5 if bits == 8 else LEVEL_SPAN
-    if scale0 is None:
-        scale0 = _scale0_for(half, bits)
 
     best_err = np.full(X.shape[0], np.inf, dtype=np.float64)
     best = {k: np.zeros(X.shape[0], np.int64) for k in ("rho", "theta", "offset")}

@@ -15,7 +15,12 @@ class FormatError(ValueError):
     """A seed array, code buffer or attribute set that docs/FORMAT.md does not allow."""
 
 
-def pack_seeds(rho, theta, offset, width) -> np.ndarray:
+def alpha_bits(alpha) -> np.ndarray:
+    """binary16 bit patterns (uint64) of the center coefficients α (§3, §5.1)."""
+    return np.asarray(alpha, dtype=np.float16).view(np.uint16).astype(np.uint64)
+
+
+def pack_seeds(rho, theta, offset, width, alpha=0.0) -> np.ndarray:
     """Seeds as int64 (the uint64 bit pattern) from per-block fields of any matching shape."""
     rho = np.asarray(rho, dtype=np.uint64)
     theta = np.asarray(theta, dtype=np.uint64)
@@ -23,12 +28,12 @@ def pack_seeds(rho, theta, offset, width) -> np.ndarray:
     width = np.broadcast_to(np.asarray(width, dtype=np.uint64), rho.shape)
     u = (rho & np.uint64(0xFFFF)) | ((theta & np.uint64(0xF)) << np.uint64(16)) \
         | (off << np.uint64(20)) | ((width & np.uint64(0xF)) << np.uint64(28)) \
-        | (np.uint64(TAG) << np.uint64(56))
+        | (np.broadcast_to(alpha_bits(alpha), rho.shape) << np.uint64(40)) | (np.uint64(TAG) << np.uint64(56))
     return u.view(np.int64)
 
 
 def unpack_seeds(seeds) -> dict[str, np.ndarray]:
-    """Fields of each seed: rho, theta, offset (signed), width, outliers, reserved, tag."""
+    """Fields of each seed: rho, theta, offset (signed), width, outliers, alpha (float32), tag."""
     u = np.ascontiguousarray(seeds, dtype=np.int64).view(np.uint64)
     field = lambda shift, mask: ((u >> np.uint64(shift)) & np.uint64(mask)).astype(np.int64)  # noqa: E731
     off = field(20, 0xFF)
@@ -38,7 +43,7 @@ def unpack_seeds(seeds) -> dict[str, np.ndarray]:
         "offset": np.where(off >= 128, off - 256, off),
         "width": field(28, 0xF),
         "outliers": field(32, 0xFF),
-        "reserved": field(40, 0xFFFF),
+        "alpha": field(40, 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float32),
         "tag": field(56, 0xFF),
     }
 
@@ -60,7 +65,8 @@ def check_layout(K: int, N: int, bits: int, block_size: int, scale0: float) -> N
         raise FormatError(f"scale0={scale0} must be positive and finite")
 
 
-def check_seeds(seeds: np.ndarray, K: int, N: int, bits: int, block_size: int) -> dict[str, np.ndarray]:
+def check_seeds(seeds: np.ndarray, K: int, N: int, bits: int, block_size: int,
+                has_center: bool = False) -> dict[str, np.ndarray]:
     """Validates a seed array against §6 and returns its fields."""
     nb = -(-K // block_size)
     if seeds.dtype != np.int64 or seeds.shape != (N, nb):
@@ -70,7 +76,9 @@ def check_seeds(seeds: np.ndarray, K: int, N: int, bits: int, block_size: int) -
         (f["tag"] != TAG, f"tag is not 0x{TAG:X}"),
         (f["width"] != bits, f"width field differs from bits={bits}"),
         (f["outliers"] != 0, "outlier count nonzero (not allowed in v1)"),
-        (f["reserved"] != 0, "reserved bits set"),
+        (~np.isfinite(f["alpha"]), "alpha is not finite"),
+        ((f["alpha"].view(np.uint32) != 0) if not has_center else np.zeros(1, bool),
+         "alpha nonzero but the node has no center vector"),
         ((f["theta"] != UNIFORM_THETA) if bits == 8 else np.zeros(1, bool),
          f"theta != {UNIFORM_THETA} with 8-bit codes"),
     ]

@@ -19,6 +19,7 @@ class RBEWeight:
     scale0: float
     seeds: np.ndarray  # int64 [N, nb]
     codes: np.ndarray  # uint8 [N · nb · block_size · bits / 8]
+    center: np.ndarray | None = None  # float32 [K] (§5.1), scaled per block by the seeds' alpha
 
     @property
     def blocks_per_column(self) -> int:
@@ -30,8 +31,8 @@ class RBEWeight:
 
     @property
     def nbytes(self) -> int:
-        """Stored bytes: codes + seeds + the float scale0."""
-        return int(self.codes.nbytes + self.seeds.nbytes + 4)
+        """Stored bytes: codes + seeds + the float scale0 (+ the center vector)."""
+        return int(self.codes.nbytes + self.seeds.nbytes + 4 + (0 if self.center is None else 4 * self.K))
 
     @property
     def bits_per_weight(self) -> float:
@@ -40,7 +41,14 @@ class RBEWeight:
     def validate(self) -> dict[str, np.ndarray]:
         """Raises FormatError naming the first rule of FORMAT.md §6 this weight breaks; returns the seed fields."""
         check_layout(self.K, self.N, self.bits, self.block_size, self.scale0)
-        fields = check_seeds(self.seeds, self.K, self.N, self.bits, self.block_size)
+        if self.center is not None:
+            c = self.center
+            if c.dtype != np.float32 or c.shape != (self.K,):
+                raise FormatError(f"center must be float32 of shape [{self.K}], got {c.dtype} {list(c.shape)}")
+            if not np.all(np.isfinite(c)):
+                raise FormatError("center holds NaN or Inf")
+        fields = check_seeds(self.seeds, self.K, self.N, self.bits, self.block_size,
+                             has_center=self.center is not None)
         expected = self.N * self.blocks_per_column * self.block_bytes
         if self.codes.dtype != np.uint8 or self.codes.ndim != 1 or self.codes.size != expected:
             raise FormatError(f"codes must be uint8 1-D of {expected} bytes, got {self.codes.dtype} "

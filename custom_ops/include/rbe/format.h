@@ -21,11 +21,13 @@ struct FormatError : std::runtime_error {
 };
 
 struct SeedFields {
-  uint32_t rho, theta, width, outliers, reserved, tag;
+  uint32_t rho, theta, width, outliers, alpha_bits, tag;  // alpha_bits: the binary16 pattern (§3, §5.1)
   int32_t offset;
 };
 
 SeedFields unpack_seed(uint64_t seed);
+// IEEE 754 binary16 -> float32, exact for every pattern (subnormals, ±0, ±Inf; NaN stays NaN).
+float half_to_float(uint16_t h);
 bool is_supported_bits(int64_t bits);
 bool is_supported_block_size(int64_t block_size);
 
@@ -50,17 +52,27 @@ struct PreparedWeight {
   std::vector<uint8_t> theta;          // [N·nb]
   alignas(32) int8_t lut[kThetaSteps][16] = {};  // int8 levels for 2/3/4-bit codes, by theta
   std::vector<std::vector<int>> levels;           // [16][2^bits] int levels (8-bit: one table at [8])
+  // The center vector (§5.1), both empty without one: alpha [nb·N], the seeds' binary16 α as float32, block
+  // b of column n at b·N + n (block-major, unlike the other tables: the center term runs along n, so its
+  // loop vectorizes), and center [padded_K], a copy of the node's K values, zero past K so tail blocks need
+  // no special case.
+  std::vector<float> alpha;
+  std::vector<float> center;
+  bool has_center() const { return !center.empty(); }
 };
 
 // Checks K, N, block_size, bits and scale0 against §2 (throws FormatError).
 void validate_shape(const WeightShape& shape);
 
-// Validates shape, seeds and code length against §6 and builds the per-block tables.
-// Throws FormatError. seeds: N·nb values; codes: code_bytes.
+// Validates shape, seeds, code length and center against §6 and builds the per-block tables.
+// Throws FormatError. seeds: N·nb values; codes: code_bytes; center: K floats, or null for a node without
+// one (then every seed's alpha must be +0).
 PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, int64_t n_seeds,
-                              const uint8_t* codes, int64_t n_code_bytes);
+                              const uint8_t* codes, int64_t n_code_bytes, const float* center = nullptr,
+                              int64_t n_center = 0);
 
-// Decodes block blk (= n·nb + b) to block_size floats d·(L[c]+o), tail positions included (§4).
+// Decodes block blk (= n·nb + b) to block_size floats d·(L[c]+o) (+ α·c_k with a center, §5.1, bit for bit
+// as the spec), tail positions included (§4).
 void decode_block(const PreparedWeight& w, int64_t blk, float* out);
 
 // Unpacks the codes of one block (block_size values) per §4.

@@ -1,6 +1,7 @@
 // One entry point over the per-ISA kernels (as MLAS does): pads the activations to whole blocks, computes
 // block sums once (float path) or quantizes them to int8 once (accuracy_level 4), splits the output columns
-// into tasks and runs them through the caller's thread pool. Also home of the int8 path's scalar reference.
+// into tasks and runs them through the caller's thread pool. Also home of the int8 path's scalar reference
+// and of the center term (FORMAT.md §5.1), which no per-ISA kernel knows about.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -276,12 +277,50 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
     case Isa::Neon: kernel = gemm_columns_neon; break;
     default: kernel = int8 ? gemm_columns_scalar_int8 : gemm_columns_scalar; break;
   }
+  // The center term Σ_b α[n,b]·(Σ_k a[m,k]·c_k over block b) (§5.1): the inner sums once per row and block,
+  // then nb multiply-adds per output, so the kernels keep decoding d·(L+o) alone. The scalar float kernel is
+  // the exception: it decodes whole weights with decode_block, center included, and so stays an independent
+  // yardstick for this term. The int8 path takes the float activations here too (§2.1).
+  const bool center_term = w.has_center() && kernel != gemm_columns_scalar;
+  std::vector<float> a_center;
+  if (center_term) {
+    a_center.resize(static_cast<size_t>(M * nb));
+    auto center_dots = [&](size_t m) {
+      const float* a = A + m * s.K;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t k0 = b * s.block_size, k1 = std::min(s.K, k0 + s.block_size);
+        float sum = 0.f;
+        for (int64_t k = k0; k < k1; ++k) sum += a[k] * w.center[k];
+        a_center[m * nb + b] = sum;
+      }
+    };
+    if (M * Kp >= (int64_t{1} << 16)) parallel_for(static_cast<size_t>(M), center_dots);
+    else serial_for(static_cast<size_t>(M), center_dots);
+  }
   // Column chunks: whole 16-column tiles, small enough to balance the pool, large enough to amortise a task.
-  const int64_t chunk = M <= 4 ? 64 : 32;
+  constexpr int64_t kMaxChunk = 64;
+  const int64_t chunk = M <= 4 ? kMaxChunk : 32;
   const int64_t tasks = (s.N + chunk - 1) / chunk;
   parallel_for(static_cast<size_t>(tasks), [&](size_t t) {
-    const int64_t n0 = static_cast<int64_t>(t) * chunk;
-    kernel(p, n0, std::min(s.N, n0 + chunk));
+    const int64_t n0 = static_cast<int64_t>(t) * chunk, n1 = std::min(s.N, n0 + chunk);
+    kernel(p, n0, n1);
+    if (!center_term) return;
+    // In the task that wrote these columns, while they are still in cache. Along n, over the block-major
+    // alpha: the inner loop is a plain axpy the compiler vectorizes (a 768 x 50257 lm_head at M = 1 has 600k
+    // of these terms, against 39M weights for the kernel).
+    float sum[kMaxChunk];
+    for (int64_t m = 0; m < M; ++m) {
+      const float* ac = a_center.data() + m * nb;
+      const int64_t cols = n1 - n0;
+      std::fill(sum, sum + cols, 0.f);
+      for (int64_t b = 0; b < nb; ++b) {
+        const float* alpha = w.alpha.data() + b * s.N + n0;
+        const float x = ac[b];
+        for (int64_t j = 0; j < cols; ++j) sum[j] += alpha[j] * x;
+      }
+      float* y = Y + m * s.N + n0;
+      for (int64_t j = 0; j < cols; ++j) y[j] += sum[j];
+    }
   });
 }
 

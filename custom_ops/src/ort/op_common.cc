@@ -3,6 +3,7 @@
 #include <climits>
 #include <memory>
 #include <new>
+#include <sstream>
 
 namespace rbe {
 
@@ -25,6 +26,19 @@ std::string node_name(const OrtApi& api, const OrtKernelInfo* info) {
 }
 
 namespace {
+// The name of node input `index`, "" when the node has fewer inputs or leaves that optional one empty.
+std::string input_name(const OrtApi& api, const OrtKernelInfo* info, size_t index) {
+  size_t n_inputs = 0;
+  check(api, api.KernelInfo_GetInputCount(info, &n_inputs));
+  if (index >= n_inputs) return "";
+  size_t size = 0;
+  check(api, api.KernelInfo_GetInputName(info, index, nullptr, &size));
+  std::string name(size, '\0');
+  check(api, api.KernelInfo_GetInputName(info, index, name.data(), &size));
+  name.resize(size > 0 ? size - 1 : 0);
+  return name;
+}
+
 int64_t int_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name) {
   int64_t v = 0;
   OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, &v);
@@ -61,7 +75,7 @@ const void* raw_data(const OrtApi& api, const OrtValue* value) {
   return p;
 }
 
-PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index) {
+PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index, size_t center_index) {
   WeightShape shape;
   shape.K = int_attr(api, info, "K");
   shape.N = int_attr(api, info, "N");
@@ -95,8 +109,26 @@ PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t 
   if (codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || codes.shape.size() != 1)
     throw FormatError("input 'codes' must be a 1-D uint8 tensor");
 
+  // The center is K floats, copied into the prepared weight, so it is read once here like the codes.
+  const float* center = nullptr;
+  int64_t n_center = 0;
+  if (!input_name(api, info, center_index).empty()) {
+    const OrtValue* center_value = nullptr;
+    is_constant = 0;
+    check(api, api.KernelInfoGetConstantInput_tensor(info, center_index, &is_constant, &center_value));
+    if (!is_constant || center_value == nullptr)
+      throw FormatError("input 'center' must be a constant initializer");
+    const TensorView c = describe(api, center_value);
+    if (c.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || c.shape.size() != 1 || c.shape[0] != shape.K) {
+      std::ostringstream m;
+      m << "input 'center' must be a float32 tensor of shape [" << shape.K << "] (K)";
+      throw FormatError(m.str());
+    }
+    center = tensor_data<float>(api, center_value);
+    n_center = c.size();
+  }
   return prepare_weight(shape, tensor_data<int64_t>(api, seeds_value), seeds.size(),
-                        tensor_data<uint8_t>(api, codes_value), codes.size());
+                        tensor_data<uint8_t>(api, codes_value), codes.size(), center, n_center);
 }
 
 void init_op_defaults(OrtCustomOp& op) {

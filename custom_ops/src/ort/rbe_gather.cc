@@ -44,6 +44,7 @@ void compute(GatherKernel& k, OrtKernelContext* ctx) {
       throw OpError(ORT_INVALID_ARGUMENT, m.str());
     }
     if (t < 0) t += s.N;  // ONNX Gather counts negative indices from the end
+    // decode_block adds α·c_k itself when the table has a center (§5.1): the rows are the numpy decoder's bits.
     for (int64_t b = 0; b < nb; ++b) decode_block(k.weight, t * nb + b, column.data() + b * s.block_size);
     std::copy(column.begin(), column.begin() + s.K, out + i * s.K);
   }
@@ -53,9 +54,14 @@ struct RbeGatherOp : OrtCustomOp {
   RbeGatherOp() : OrtCustomOp{} {
     init_op_defaults(*this);
     GetName = [](const OrtCustomOp*) { return "RBEGather"; };
-    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 2; };
+    // indices, codes, center (optional, FORMAT.md §5.1).
+    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 3; };
     GetInputType = [](const OrtCustomOp*, size_t i) {
-      return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+      return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
+                    : i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    };
+    GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
+      return i == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
     };
     CreateKernelV2 = [](const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
                         void** out) -> OrtStatus* {
@@ -65,7 +71,7 @@ struct RbeGatherOp : OrtCustomOp {
         auto kernel = std::make_unique<GatherKernel>();
         kernel->api = api;
         kernel->name = name;
-        kernel->weight = read_weight(*api, info, 1);
+        kernel->weight = read_weight(*api, info, 1, 2);
         *out = kernel.release();
       });
     };

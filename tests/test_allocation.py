@@ -1,0 +1,104 @@
+"""`--target-bpw` (per-weight settings from measured sensitivity, landing at the requested bits per weight),
+`--distill` (scales, center coefficients and LayerNorms tuned against fp32) and `--accuracy-level`."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from rbe_onnx import rewrite
+from rbe_onnx.allocation import Choice, allocate, probe_noise, stored_bytes
+from rbe_onnx.compressor import totals
+from rbe_onnx.evaluate import compare, wikitext_test_windows
+from rbe_onnx.runtime import Gpt2Shape, make_session
+
+
+def test_greedy_allocation_spends_the_budget_where_it_buys_most():
+    # Two weights of equal size; "a" loses 100x more than "b" per unit of coding error.
+    def options(scale):
+        return [(bits, 64, stored_bytes(256, 256, bits, 64, False), scale * 4.0 ** -bits) for bits in (2, 3, 4, 8)]
+
+    choices = {"a": Choice(2, 64, False, options(100.0)), "b": Choice(2, 64, False, options(1.0))}
+    budget = stored_bytes(256, 256, 4, 64, False) + stored_bytes(256, 256, 2, 64, False)
+    allocate(choices, budget)
+    assert (choices["a"].bits, choices["b"].bits) == (4, 2)
+    spent = sum(stored_bytes(256, 256, c.bits, 64, False) for c in choices.values())
+    assert spent <= budget
+    with pytest.raises(ValueError, match="target too small"):
+        allocate(choices, budget / 4)
+
+
+def test_probe_noise_stays_within_half_a_step_of_each_block():
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((200, 9)).astype(np.float32)
+    noise = probe_noise(W, 3, 64, rng)
+    step = np.ptp(W[:64], axis=0) / 7
+    assert noise.shape == W.shape
+    assert np.all(np.abs(noise[:64]) <= step / 2 + 1e-6) and np.all(np.abs(noise[:64]).max(0) > step / 4)
+
+
+def test_target_bpw_needs_calibration(tiny_gpt2_onnx_dir):
+    with pytest.raises(ValueError, match="needs --calibrate"):
+        rewrite(onnx.load(str(tiny_gpt2_onnx_dir / "model.onnx")), target_bpw=3.3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def ref_windows(ref_gpt2_onnx_dir):
+    shape = Gpt2Shape.from_dir(ref_gpt2_onnx_dir)
+    windows = wikitext_test_windows(str(ref_gpt2_onnx_dir / "tokenizer.json"), 256, 6)
+    return shape, windows, make_session(ref_gpt2_onnx_dir, threads=2)
+
+
+@pytest.fixture(scope="module")
+def uniform_3bit(ref_gpt2_onnx_dir, ref_windows, tmp_path_factory):
+    """ref-gpt2 at calibrated 3-bit/256 everywhere (3.25 bpw): the setting the others must beat."""
+    out = tmp_path_factory.mktemp("uniform3") / "model.onnx"
+    _, rows = rewrite(ref_gpt2_onnx_dir / "model.onnx", out, bits=3, block_size=256, calibrate=True,
+                      progress=False)
+    shape, windows, reference = ref_windows
+    return rows, compare(make_session(out, threads=2), shape, windows, reference)
+
+
+def test_target_bpw_lands_under_target_and_mixes_widths_on_ref_gpt2(ref_gpt2_onnx_dir, ref_windows, uniform_3bit,
+                                                                    tmp_path):
+    """The allocated model meets its budget, mixes settings, and is closer to fp32 than one uniform 3-bit
+    setting of about the same size (KL on WikiText-2 test windows)."""
+    shape, windows, reference = ref_windows
+    _, rows = rewrite(ref_gpt2_onnx_dir / "model.onnx", tmp_path / "model.onnx", target_bpw=3.3, calibrate=True,
+                      progress=False)
+    uniform_rows, uniform = uniform_3bit
+    done = [r for r in rows if r.status == "rbe"]
+    assert totals(rows)["bits_per_weight"] <= 3.3
+    assert totals(uniform_rows)["bits_per_weight"] <= 3.3
+    assert len({(r.bits, r.block_size) for r in done}) >= 2
+    target = compare(make_session(tmp_path, threads=2), shape, windows, reference)
+    print(f"ref-gpt2 at <= 3.3 bpw, 6 test windows: --target-bpw {target}, uniform 3b/256 {uniform}")
+    assert target["kl"] < uniform["kl"]
+
+
+def test_distillation_brings_3bit_ref_gpt2_closer_to_fp32(ref_gpt2_onnx_dir, ref_windows, uniform_3bit, tmp_path):
+    shape, windows, reference = ref_windows
+    _, rows = rewrite(ref_gpt2_onnx_dir / "model.onnx", tmp_path / "model.onnx", bits=3, block_size=256,
+                      calibrate=True, distill_steps=12, progress=False)
+    _, uniform = uniform_3bit
+    distilled = compare(make_session(tmp_path, threads=2), shape, windows, reference)
+    print(f"ref-gpt2 3b/256, 6 test windows: distilled 12 steps {distilled}, not distilled {uniform}")
+    assert totals(rows)["bits_per_weight"] == pytest.approx(totals(uniform_3bit[0])["bits_per_weight"])
+    assert distilled["kl"] < 0.9 * uniform["kl"]
+
+
+def test_distillation_needs_a_gpt2_export(tiny_bert_onnx_dir, tmp_path):
+    with pytest.raises(ValueError, match="GPT-2"):
+        rewrite(tiny_bert_onnx_dir / "model.onnx", tmp_path / "model.onnx", calibrate=True, distill_steps=2,
+                progress=False)
+
+
+def test_accuracy_level_option_marks_every_fused_gemm(tiny_gpt2_onnx_dir, tmp_path):
+    model, _ = rewrite(tiny_gpt2_onnx_dir / "model.onnx", tmp_path / "model.onnx", accuracy_level=4,
+                       progress=False)
+    gemms = [n for n in model.graph.node if n.op_type == "RBEFusedGemm"]
+    assert gemms and all(onnx.helper.get_attribute_value(a) == 4 for n in gemms for a in n.attribute
+                         if a.name == "accuracy_level")
+    assert all(any(a.name == "accuracy_level" for a in n.attribute) for n in gemms)
+    with pytest.raises(ValueError, match="accuracy_level"):
+        rewrite(tiny_gpt2_onnx_dir / "model.onnx", accuracy_level=5, progress=False)
