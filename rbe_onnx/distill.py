@@ -57,7 +57,7 @@ def check_supported(model_dir: Path) -> None:
 
 
 def distill(model: onnx.ModelProto, model_dir: Path, weights: dict[str, tuple[RBEWeight, bool]], steps: int,
-            progress: bool = True, tokens_per_step: int | None = None) -> dict[str, RBEWeight]:
+            progress: bool = True) -> dict[str, RBEWeight]:
     """Fine-tunes scales, alphas and LayerNorm parameters for `steps` steps.
 
     weights: ONNX initializer name -> (its encoding, whether the initializer holds Wᵀ). Returns the updated
@@ -114,8 +114,7 @@ def distill(model: onnx.ModelProto, model_dir: Path, weights: dict[str, tuple[RB
             out[key] = (W.T if transposed else W).float()
         return out
 
-    batches = [f["input_ids"] for f, _ in calibration_batches(model_dir, tokens=steps * BATCH_WINDOWS * 256
-                                                              if tokens_per_step is None else tokens_per_step * steps,
+    batches = [f["input_ids"] for f, _ in calibration_batches(model_dir, tokens=steps * BATCH_WINDOWS * 256,
                                                               batch=BATCH_WINDOWS)]
     opt = torch.optim.Adam(trainable, lr=LEARNING_RATE)
     func = torch.func.functional_call

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from cmake_build import cmake_build
+
 REPO = Path(__file__).resolve().parents[1]
 CUSTOM_OPS = REPO / "custom_ops"
 CORPUS = CUSTOM_OPS / "fuzz" / "corpus"
@@ -32,21 +34,10 @@ def fuzzer(tmp_path_factory) -> Path:
     if clang is None:
         pytest.fail("clang++ not found: the fuzz test needs clang with libFuzzer; install it with "
                     "`bash tools/install_fuzz_deps.sh` (part of `make setup`)", pytrace=False)
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.fail("cmake not found (pip install -r requirements-dev.txt)", pytrace=False)
     build = tmp_path_factory.mktemp("fuzz-build")
-    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-    configure = [cmake, "-S", str(CUSTOM_OPS), "-B", str(build), *generator, f"-DCMAKE_CXX_COMPILER={clang}",
-                 "-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DRBE_BUILD_FUZZ=ON", "-DRBE_BUILD_ORT_OP=OFF",
-                 "-DRBE_BUILD_PYTHON=OFF"]
-    for cmd in (configure, [cmake, "--build", str(build), "--target", "rbe_fuzz_prepare", "-j", "2"]):
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            hint = ("\n(libFuzzer missing? run `bash tools/install_fuzz_deps.sh`)"
-                    if "fuzzer" in out.stdout + out.stderr else "")
-            pytest.fail(f"{' '.join(cmd[:4])} ... failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}{hint}",
-                        pytrace=False)
+    cmake_build(CUSTOM_OPS, build, f"-DCMAKE_CXX_COMPILER={clang}", "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
+                "-DRBE_BUILD_FUZZ=ON", "-DRBE_BUILD_ORT_OP=OFF", "-DRBE_BUILD_PYTHON=OFF", target="rbe_fuzz_prepare",
+                hints={"fuzzer": "libFuzzer missing? run `bash tools/install_fuzz_deps.sh`"})
     return build / "rbe_fuzz_prepare"
 
 

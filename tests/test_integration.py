@@ -13,6 +13,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from cmake_build import cmake_build
+
 import rbe_onnx
 from rbe_onnx import get_library_path, rewrite
 from rbe_onnx.api import bundle_library, session_options
@@ -56,16 +58,9 @@ def expected(rbe4_dir) -> list[tuple[list[int], list[int]]]:
 
 @pytest.fixture(scope="module")
 def cpp_app(tmp_path_factory) -> Path:
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.fail("cmake not found (pip install -r requirements-dev.txt)", pytrace=False)
     build = tmp_path_factory.mktemp("cpp-generate-build")
     # The Python running the tests is the one whose onnxruntime wheel the app must link.
-    configure = [cmake, "-S", str(CPP_EXAMPLE), "-B", str(build), f"-DPython3_EXECUTABLE={sys.executable}"]
-    for cmd in (configure, [cmake, "--build", str(build), "-j", "2"]):
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            pytest.fail(f"{' '.join(cmd[:4])} ... failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}", pytrace=False)
+    cmake_build(CPP_EXAMPLE, build, f"-DPython3_EXECUTABLE={sys.executable}")
     return build / "rbe_generate"
 
 

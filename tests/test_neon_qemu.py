@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from cmake_build import cmake_build
+
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOM_OPS = ROOT / "custom_ops"
 TOOLCHAIN = CUSTOM_OPS / "cmake" / "aarch64-linux-gnu.cmake"
@@ -37,17 +39,9 @@ def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
 
 def _build_kernel_test(build_dir: Path, *extra_args: str) -> Path:
     """Configures custom_ops with only rbe_core + rbe_kernel_test and builds it with -j2."""
-    configure = [
-        "cmake", "-S", str(CUSTOM_OPS), "-B", str(build_dir),
-        "-DCMAKE_BUILD_TYPE=Release",
-        "-DRBE_BUILD_TESTS=ON", "-DRBE_BUILD_ORT_OP=OFF", "-DRBE_BUILD_PYTHON=OFF",
-        *extra_args,
-    ]
-    for cmd in (configure, ["cmake", "--build", str(build_dir), "--target", "rbe_kernel_test", "-j2"]):
-        proc = _run(cmd, BUILD_TIMEOUT_S)
-        if proc.returncode != 0:
-            pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}",
-                        pytrace=False)
+    cmake_build(CUSTOM_OPS, build_dir, "-DCMAKE_BUILD_TYPE=Release", "-DRBE_BUILD_TESTS=ON",
+                "-DRBE_BUILD_ORT_OP=OFF", "-DRBE_BUILD_PYTHON=OFF", *extra_args, target="rbe_kernel_test",
+                timeout=BUILD_TIMEOUT_S)
     binary = build_dir / "rbe_kernel_test"
     assert binary.is_file(), f"build succeeded but {binary} is missing"
     return binary

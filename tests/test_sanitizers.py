@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from cmake_build import cmake_build
 
 REPO = Path(__file__).resolve().parents[1]
 CUSTOM_OPS = REPO / "custom_ops"
@@ -20,18 +21,10 @@ SANITIZER_REPORT = re.compile(r"AddressSanitizer|LeakSanitizer|UndefinedBehavior
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory) -> Path:
-    cmake = shutil.which("cmake")
-    if cmake is None:
-        pytest.fail("cmake not found (pip install -r requirements-dev.txt)", pytrace=False)
     build = tmp_path_factory.mktemp("sanitize-build")
-    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     # Debug (-O0 -g): a third of the RelWithDebInfo build time, exact line numbers in reports; the run is short.
-    configure = [cmake, "-S", str(CUSTOM_OPS), "-B", str(build), *generator, "-DCMAKE_BUILD_TYPE=Debug",
-                 "-DRBE_SANITIZE=ON", "-DRBE_BUILD_ORT_OP=OFF", "-DRBE_BUILD_PYTHON=OFF"]
-    for cmd in (configure, [cmake, "--build", str(build), "--target", "rbe_sanitize_driver", "-j", "2"]):
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            pytest.fail(f"{' '.join(cmd[:4])} ... failed:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}", pytrace=False)
+    cmake_build(CUSTOM_OPS, build, "-DCMAKE_BUILD_TYPE=Debug", "-DRBE_SANITIZE=ON", "-DRBE_BUILD_ORT_OP=OFF",
+                "-DRBE_BUILD_PYTHON=OFF", target="rbe_sanitize_driver")
     return build / "rbe_sanitize_driver"
 
 
