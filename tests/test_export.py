@@ -1,6 +1,7 @@
 """ONNX exports of GPT-2 and BERT checked against HF transformers (torch) on padded batches and KV-cache decoding."""
 from __future__ import annotations
 
+import collections
 import functools
 import json
 from pathlib import Path
@@ -151,6 +152,21 @@ def assert_plain_gemms(model: onnx.ModelProto, expected_count: int) -> None:
         assert attr(node, "alpha", 1.0) == 1.0 and attr(node, "beta", 1.0) == 1.0
 
 
+def assert_lean_shape_ops(model: onnx.ModelProto, reshapes_per_layer: int, n_layer: int) -> None:
+    """Layers reshape with constant shapes or with a shape tensor computed once per graph, so the shape reads
+    (Shape, Gather over activations, Unsqueeze: the causal mask and positions) do not grow with depth; every
+    one of them costs a kernel launch per decode step."""
+    inits = initializers(model)
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    shape_gathers = sum(n.op_type == "Gather" and n.input[0] not in inits for n in model.graph.node)
+    assert ops["Shape"] + shape_gathers + ops["Unsqueeze"] <= 12, dict(ops)
+    reshapes = [n for n in model.graph.node if n.op_type == "Reshape"]
+    assert len(reshapes) == reshapes_per_layer * n_layer + 2  # plus rows in, [batch, seq, ...] out
+    constants = set(inits) | {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    shared = {n.input[1] for n in reshapes} - constants
+    assert len(shared) <= 2, f"reshapes read {len(shared)} computed shapes, not the graph's shared ones"
+
+
 def dims(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
@@ -210,6 +226,9 @@ def test_gpt2_graph_structure(request, name):
     assert model.ir_version == 10
     n = info["n_layer"]
     assert_plain_gemms(model, expected_count=4 * n)  # c_attn, attn c_proj, c_fc, mlp c_proj per block
+    assert_lean_shape_ops(model, reshapes_per_layer=2, n_layer=n)  # split heads of q/k/v together, merge heads
+    concats = sum(node.op_type == "Concat" for node in model.graph.node)
+    assert concats == 2 * n + 2, "a KV append per cache tensor, two shape tensors per graph"
 
     inits = initializers(model)
     producer = {out: node for node in model.graph.node for out in node.output}
@@ -287,6 +306,7 @@ def test_bert_graph_structure(request, name):
     model = onnx.load(str(onnx_dir / "model.onnx"))
     assert model.ir_version == 10
     assert_plain_gemms(model, expected_count=6 * info["n_layer"])  # q, k, v, attn out, intermediate, out
+    assert_lean_shape_ops(model, reshapes_per_layer=4, n_layer=info["n_layer"])  # split q, k, v; merge heads
     assert [v.name for v in model.graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
     assert all(dims(v) == ["batch_size", "sequence_length"] for v in model.graph.input)
     (out,) = model.graph.output

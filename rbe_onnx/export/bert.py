@@ -3,7 +3,8 @@
 As for GPT-2, the forward pass is re-implemented over the HF parameters: HF's mask helpers and attention
 dispatch are not needed for a plain bidirectional encoder and trace less predictably than an explicit graph.
 Every linear layer becomes a Gemm on an [in, out] initializer, the same pattern as GPT-2's Conv1D projections,
-so later compiler passes see one kind of projection for both model families.
+so later compiler passes see one kind of projection for both model families; as there, hidden states are 2-D
+rows between the attention blocks.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.onnx.operators import reshape_from_tensor_shape
 
 from .gpt2 import copy_model_files, export_to_onnx, gemm_linear, masked_attention, merge_heads, split_heads, \
-    write_export_info
+    token_shape, write_export_info
 
 BERT_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
 
@@ -31,13 +33,16 @@ class GemmDense(nn.Module):
 
 
 class _BertLayer(nn.Module):
+    """One encoder layer on hidden-state rows [batch * seq, hidden]."""
+
     def __init__(self, hf_layer: nn.Module, n_head: int):
         super().__init__()
         attn = hf_layer.attention
-        self.n_head = n_head
         self.query = GemmDense(attn.self.query)
         self.key = GemmDense(attn.self.key)
         self.value = GemmDense(attn.self.value)
+        self.width = self.query.weight.shape[1]
+        self.scale = 1.0 / (self.width // n_head) ** 0.5
         self.attn_out = GemmDense(attn.output.dense)
         self.attn_ln = attn.output.LayerNorm
         self.intermediate = GemmDense(hf_layer.intermediate.dense)
@@ -45,10 +50,10 @@ class _BertLayer(nn.Module):
         self.out = GemmDense(hf_layer.output.dense)
         self.out_ln = hf_layer.output.LayerNorm
 
-    def forward(self, x, keep):
-        q, k, v = (split_heads(proj(x), self.n_head) for proj in (self.query, self.key, self.value))
-        scale = 1.0 / (q.shape[-1] ** 0.5)
-        x = self.attn_ln(x + self.attn_out(merge_heads(masked_attention(q, k, v, keep, scale))))
+    def forward(self, x, keep, heads_shape):
+        q, k, v = (split_heads(proj(x), heads_shape) for proj in (self.query, self.key, self.value))
+        context = merge_heads(masked_attention(q, k, v, keep, self.scale), self.width)
+        x = self.attn_ln(x + self.attn_out(context))
         return self.out_ln(x + self.out(self.act(self.intermediate(x))))
 
 
@@ -66,17 +71,19 @@ class BertEncoderGraph(nn.Module):
         self.word, self.position, self.token_type = emb.word_embeddings, emb.position_embeddings, \
             emb.token_type_embeddings
         self.emb_ln = emb.LayerNorm
+        self.n_head, self.hidden = cfg.num_attention_heads, cfg.hidden_size
         self.layers = nn.ModuleList(_BertLayer(layer, cfg.num_attention_heads) for layer in hf_model.encoder.layer)
 
     def forward(self, input_ids, attention_mask, token_type_ids):
         # Positions come from the dynamic sequence length, not a sliced buffer of the traced length.
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.word(input_ids) + self.token_type(token_type_ids) + self.position(positions)[None]
-        x = self.emb_ln(x)
+        x = self.emb_ln(x).reshape(-1, self.hidden)
         keep = attention_mask.bool()[:, None, None, :]
+        heads_shape = token_shape(input_ids, self.n_head, self.hidden // self.n_head)
         for layer in self.layers:
-            x = layer(x, keep)
-        return x
+            x = layer(x, keep, heads_shape)
+        return reshape_from_tensor_shape(x, token_shape(input_ids, self.hidden))
 
 
 def load_bert(model_dir: str | Path) -> nn.Module:

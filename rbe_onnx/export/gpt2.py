@@ -2,7 +2,9 @@
 
 The forward pass is re-implemented on top of the HF parameters instead of tracing HF's own forward: HF's cache
 classes, SDPA dispatch and mask helpers trace into graphs with baked-in sequence lengths or `is_causal` flags,
-whereas here every mask is built from the dynamic input shapes inside the graph.
+whereas here every mask is built from the dynamic input shapes inside the graph. Hidden states travel as 2-D
+rows [batch * seq, width], so each projection is a bare Gemm, and the only reshapes per layer use a constant
+shape or one shape tensor computed per graph: a decode step runs no per-layer shape arithmetic.
 
 This module also holds the file handling shared with `bert.py` (saving, copying tokenizer files, metadata).
 """
@@ -18,6 +20,7 @@ from pathlib import Path
 import onnx
 import torch
 from torch import nn
+from torch.onnx.operators import reshape_from_tensor_shape, shape_as_tensor
 
 # onnxruntime 1.31 loads IR <= 13, while onnx 1.23 stamps 14 on anything it saves.
 ONNX_IR_VERSION = 10
@@ -32,21 +35,35 @@ GPT2_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.js
 # Shared helpers (also used by bert.py)
 # ----------------------------------------------------------------------------------------------------------------
 
-def gemm_linear(x: torch.Tensor, weight_in_out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """`x @ W + b` over the last axis, written as 2-D `addmm` so it exports as a single ONNX Gemm
-    (transA=0, transB=0, 1-D bias) whose weight is the [in, out] initializer itself."""
-    y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight_in_out)
-    return y.view(*x.shape[:-1], weight_in_out.shape[1])
+def token_shape(input_ids: torch.Tensor, *trailing: int) -> torch.Tensor:
+    """The int64 tensor [batch, seq, *trailing], one Shape + Concat per graph that every layer's reshape reads.
+
+    Tracing `x.view(batch, seq, ...)` instead exports the sizes it reads as a Shape/Gather/Unsqueeze/Concat chain
+    at every call, dozens of tiny nodes per layer that each cost a kernel launch per decode step.
+    """
+    return torch.cat([shape_as_tensor(input_ids), torch.tensor(trailing, dtype=torch.int64)])
 
 
-def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:
-    """[batch, seq, n_head * head_dim] -> [batch, n_head, seq, head_dim]."""
-    return x.view(*x.shape[:-1], n_head, x.shape[-1] // n_head).transpose(1, 2)
+def gemm_linear(rows: torch.Tensor, weight_in_out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`rows @ W + b` on [tokens, in] rows, as `addmm` so it exports as a single ONNX Gemm (transA=0, transB=0,
+    1-D bias) whose weight is the [in, out] initializer itself.
+
+    The models keep their hidden states as 2-D rows [batch * seq, width] between attention blocks, because
+    Gemm takes 2-D inputs only: 3-D activations would need a reshape on each side of every projection.
+    """
+    return torch.addmm(bias, rows, weight_in_out)
 
 
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """[batch, n_head, seq, head_dim] -> [batch, seq, n_head * head_dim]."""
-    return x.transpose(1, 2).flatten(2)
+def split_heads(rows: torch.Tensor, heads_shape: torch.Tensor) -> torch.Tensor:
+    """Rows [batch * seq, n * head_dim] -> [batch, n, seq, head_dim], `heads_shape` = [batch, seq, n, head_dim]."""
+    return reshape_from_tensor_shape(rows, heads_shape).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor, width: int) -> torch.Tensor:
+    """[batch, n_head, seq, head_dim] -> rows [batch * seq, width = n_head * head_dim].
+
+    `width` comes from the config: read off `x.shape` under tracing, it would export as Shape/Gather ops."""
+    return x.transpose(1, 2).reshape(-1, width)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor,
@@ -76,13 +93,29 @@ def export_to_onnx(module: nn.Module, args: tuple, out_path: Path, *, input_name
         traced = Path(scratch) / "traced.onnx"
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation notice of the TorchScript exporter, tracer warnings
+            example_outputs = module(*args)
             torch.onnx.export(module, args, str(traced), dynamo=False, opset_version=opset,
                               input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
                               do_constant_folding=True)
         model = onnx.load(str(traced))
     undo_initializer_dedup(model)
+    set_static_output_dims(model, example_outputs, dynamic_axes)
     save_onnx(model, out_path, external_data=external_data)
     return out_path
+
+
+def set_static_output_dims(model: onnx.ModelProto, example_outputs, dynamic_axes: dict) -> None:
+    """Give every graph-output axis that is not a dynamic axis its traced size.
+
+    The exporter infers no sizes through a Reshape whose shape is computed (`token_shape`) and names the ones it
+    does not know (`..._dim_2`); those axes are static, e.g. BERT's hidden size.
+    """
+    examples = example_outputs if isinstance(example_outputs, (tuple, list)) else (example_outputs,)
+    for value, example in zip(model.graph.output, examples):
+        dynamic = dynamic_axes.get(value.name, {})
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if axis not in dynamic:
+                dim.dim_value = example.shape[axis]
 
 
 def undo_initializer_dedup(model: onnx.ModelProto) -> None:
@@ -188,22 +221,25 @@ class Gpt2KvGraph(nn.Module):
         return scale
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        x = self.wte(input_ids) + self.wpe(position_ids)
+        x = (self.wte(input_ids) + self.wpe(position_ids)).reshape(-1, self.n_embd)
         keep = causal_padding_keep(attention_mask, input_ids.shape[1])
+        qkv_shape = token_shape(input_ids, 3 * self.n_head, self.n_embd // self.n_head)
         presents = []
         for i, block in enumerate(self.h):
-            x, key, value = self._block(block, x, past[2 * i], past[2 * i + 1], keep, self.scales[i])
+            x, key, value = self._block(block, x, past[2 * i], past[2 * i + 1], keep, qkv_shape, self.scales[i])
             presents += [key, value]
-        logits = torch.matmul(self.ln_f(x), self.lm_head_weight)
+        x = reshape_from_tensor_shape(self.ln_f(x), token_shape(input_ids, self.n_embd))
+        logits = torch.matmul(x, self.lm_head_weight)
         return (logits, *presents)
 
-    def _block(self, block, x, past_key, past_value, keep, scale):
+    def _block(self, block, x, past_key, past_value, keep, qkv_shape, scale):
         attn = block.attn
         qkv = gemm_linear(block.ln_1(x), attn.c_attn.weight, attn.c_attn.bias)
-        q, k, v = (split_heads(t, self.n_head) for t in qkv.split(self.n_embd, dim=-1))
+        # One reshape and transpose for q, k and v together, then a split over the head axis.
+        q, k, v = split_heads(qkv, qkv_shape).split(self.n_head, dim=1)
         key = torch.cat([past_key, k], dim=2)
         value = torch.cat([past_value, v], dim=2)
-        context = merge_heads(masked_attention(q, key, value, keep, scale))
+        context = merge_heads(masked_attention(q, key, value, keep, scale), self.n_embd)
         x = x + gemm_linear(context, attn.c_proj.weight, attn.c_proj.bias)
         mlp = block.mlp
         hidden = mlp.act(gemm_linear(block.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias))
