@@ -8,6 +8,7 @@ exactly as it was.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -127,34 +128,46 @@ def replace_candidates(model: onnx.ModelProto, encoded: dict[tuple[str, bool], "
     """Swaps each eligible candidate for an RBEFusedGemm / RBEGather reading `encoded[c.key]` (an RBEWeight).
 
     Nodes keep their names and output names; candidates mapped to the same RBEWeight object (a shared or
-    tied weight) read one codes initializer; fp32 weights no node reads any more are dropped.
+    tied weight) read one codes initializer and one seeds initializer; fp32 weights no node reads any more are
+    dropped.
     """
     graph = model.graph
     nodes = list(graph.node)
-    codes_names: dict[int, str] = {}
-    center_names: dict[int, str] = {}
+    users = Counter(id(encoded[c.key]) for c in candidates if c.eligible)
+    stored: dict[int, dict[str, str]] = {}  # per RBEWeight: its initializers' names, by role
     for c in candidates:
         if not c.eligible:
             continue
         w = encoded[c.key]
-        if id(w) not in codes_names:
+        if id(w) not in stored:
             stem = f"{c.weight_name}{'.T' if c.transpose else ''}"
-            graph.initializer.append(numpy_helper.from_array(w.codes, f"{stem}.rbe_codes"))
-            codes_names[id(w)] = f"{stem}.rbe_codes"
+            names = stored[id(w)] = {"codes": f"{stem}.rbe_codes"}
+            graph.initializer.append(numpy_helper.from_array(w.codes, names["codes"]))
             if w.center is not None:
-                graph.initializer.append(numpy_helper.from_array(w.center, f"{stem}.rbe_center"))
-                center_names[id(w)] = f"{stem}.rbe_center"
-        center = [center_names[id(w)]] if id(w) in center_names else []
-        attrs = dict(K=w.K, N=w.N, block_size=w.block_size, bits=w.bits, scale0=float(w.scale0),
-                     seeds=numpy_helper.from_array(w.seeds, "seeds"))
+                names["center"] = f"{stem}.rbe_center"
+                graph.initializer.append(numpy_helper.from_array(w.center, names["center"]))
+            if users[id(w)] > 1:
+                # A tied table (wte / lm_head): one seeds initializer both nodes read (FORMAT.md §2.2), as an
+                # attribute on each node would store the seeds twice.
+                names["seeds"] = f"{stem}.rbe_seeds"
+                graph.initializer.append(numpy_helper.from_array(w.seeds, names["seeds"]))
+        names = stored[id(w)]
+        attrs = dict(K=w.K, N=w.N, block_size=w.block_size, bits=w.bits, scale0=float(w.scale0))
+        if "seeds" not in names:
+            attrs["seeds"] = numpy_helper.from_array(w.seeds, "seeds")
+        # ONNX skips an absent optional input with an empty name; trailing absent ones are left off.
         if c.node.op_type == "Gather":
-            new = helper.make_node(GATHER_OP_TYPE, [c.node.input[1], codes_names[id(w)], *center], list(c.node.output),
-                                   name=c.node.name, domain=RBE_DOMAIN, **attrs)
+            optional = [names.get("center", ""), names.get("seeds", "")]
+            inputs = [c.node.input[1], names["codes"]]
+            op_type = GATHER_OP_TYPE
         else:
-            # ONNX skips an absent optional input with an empty name: the center is input 3, after the bias.
-            inputs = [c.node.input[0], codes_names[id(w)]] + ([c.bias] if c.bias or center else []) + center
-            new = helper.make_node(OP_TYPE, inputs, list(c.node.output), name=c.node.name, domain=RBE_DOMAIN,
-                                   **attrs)
+            optional = [c.bias, names.get("center", ""), names.get("seeds", "")]
+            inputs = [c.node.input[0], names["codes"]]
+            op_type = OP_TYPE
+        while optional and not optional[-1]:
+            optional.pop()
+        new = helper.make_node(op_type, inputs + optional, list(c.node.output), name=c.node.name,
+                               domain=RBE_DOMAIN, **attrs)
         nodes[c.index] = new
     del graph.node[:]
     graph.node.extend(nodes)

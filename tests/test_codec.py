@@ -30,16 +30,71 @@ def test_seed_fields_round_trip():
     assert np.array_equal(f["rho"], rho) and np.array_equal(f["theta"], theta)
     assert np.array_equal(f["offset"], offset) and np.all(f["width"] == 3)
     assert np.array_equal(f["alpha"], alpha.astype(np.float32))
-    assert np.all(f["tag"] == 0xB1) and not f["outliers"].any()
+    assert np.all(f["tag"] == 0xB2) and not f["outliers"].any()
     assert not unpack_seeds(pack_seeds(rho, theta, offset, 3))["alpha"].view(np.uint32).any()
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_packing_round_trip(bits):
-    codes = np.random.default_rng(bits).integers(0, 1 << bits, (7, 256)).astype(np.uint8)
+@pytest.mark.parametrize("block_size", [32, 64, 128, 256])
+def test_packing_round_trip(bits, block_size):
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, (7, block_size)).astype(np.uint8)
     packed = pack_codes(codes, bits)
-    assert packed.shape == (7, 256 * bits // 8)
+    assert packed.shape == (7, block_size * bits // 8)
     assert np.array_equal(unpack_codes(packed, bits), codes)
+
+
+def _hand_block(block_size: int, codes: dict[int, int], nbytes: dict[int, int]):
+    """(a block of zero codes but `codes` {index: code}, the expected packed bytes: zero but `nbytes`)."""
+    c = np.zeros(block_size, np.uint8)
+    for i, v in codes.items():
+        c[i] = v
+    expected = np.zeros(block_size * 3 // 8, np.uint8)
+    for j, v in nbytes.items():
+        expected[j] = v
+    return c, expected
+
+
+# FORMAT.md §4, 3 bits, worked by hand: a chunk of C = min(block_size, 128) codes is a low plane of C/4 bytes
+# (byte j: low bits of codes j, j+C/4, j+C/2, j+3C/4 in bits 0-1, 2-3, 4-5, 6-7) and a high plane of C/8
+# bytes (bit i of byte j: bit 2 of code j + i·C/8).
+HAND_3BIT = [
+    # C = 32. code 5 = 0b111: low 3 in byte 5 bits 0-1; high in byte 8 + 1 (5 = 1 + 4·1), bit 1.
+    # code 17 = 0b010: low 2 in byte 1 (17 = 1 + 8·2) bits 4-5. code 30 = 0b100: byte 8 + 2 (30 = 2 + 4·7), bit 7.
+    (32, {5: 7, 17: 2, 30: 4}, {5: 3, 1: 2 << 4, 9: 1 << 1, 10: 1 << 7}),
+    # C = 64. code 63 = 0b111: low 3 in byte 15 (63 = 15 + 16·3) bits 6-7; high in byte 16 + 7 (63 = 7 + 8·7),
+    # bit 7. code 9 = 0b100: byte 16 + 1 (9 = 1 + 8·1), bit 1.
+    (64, {63: 7, 9: 4}, {15: 3 << 6, 23: 1 << 7, 17: 1 << 1}),
+    # C = 128. code 0 = 0b101: byte 0 bit 0, byte 32 bit 0. code 40 = 0b011: byte 8 (40 = 8 + 32·1) bits 2-3.
+    # code 77 = 0b110: low 2 in byte 13 (77 = 13 + 32·2) bits 4-5, high in byte 32 + 13 (77 = 13 + 16·4) bit 4.
+    # code 127 = 0b111: byte 31 bits 6-7, byte 32 + 15 (127 = 15 + 16·7) bit 7.
+    (128, {0: 5, 40: 3, 77: 6, 127: 7}, {0: 1, 32: 1, 8: 3 << 2, 13: 2 << 4, 45: 1 << 4, 31: 3 << 6, 47: 1 << 7}),
+    # block 256: two chunks of 128, the second from byte 48 (codes 128 + 77 and 128 + 127 as above).
+    (256, {205: 6, 255: 7}, {48 + 13: 2 << 4, 48 + 45: 1 << 4, 48 + 31: 3 << 6, 48 + 47: 1 << 7}),
+]
+
+
+@pytest.mark.parametrize("block_size,codes,nbytes", HAND_3BIT)
+def test_3bit_layout_by_hand(block_size, codes, nbytes):
+    c, expected = _hand_block(block_size, codes, nbytes)
+    assert pack_codes(c[None], 3)[0].tolist() == expected.tolist()
+    assert np.array_equal(unpack_codes(expected[None], 3)[0], c)
+    # The C++ decoder reads the same bytes as the same codes: one column of one block, uniform levels, d = 1.
+    w = RBEWeight(K=block_size, N=1, bits=3, block_size=block_size, scale0=1.0,
+                  seeds=pack_seeds(np.zeros((1, 1)), UNIFORM_THETA, 0, 3), codes=expected)
+    L = levels(3, UNIFORM_THETA).astype(np.float32)
+    assert np.array_equal(decode(w)[:, 0], L[c])
+    cpp = _kernels.Weight(w.seeds, w.codes, w.K, w.N, w.block_size, w.bits, w.scale0)
+    assert np.array_equal(cpp.decode()[:, 0], L[c])
+
+
+def test_format1_seeds_are_refused_with_the_rewrite_hint():
+    """Tag 0xB1 is format 1, whose 3-bit layout differs: both decoders refuse it and say what to do."""
+    seeds = np.ascontiguousarray(_weight().seeds).view(np.uint64)
+    w = _weight(seeds=((seeds & np.uint64((1 << 56) - 1)) | np.uint64(0xB1 << 56)).view(np.int64))
+    with pytest.raises(FormatError, match=r"seed \[0, 0\]: tag 0xB1: a format-1 file.*rbe-onnx rewrite"):
+        decode(w)
+    with pytest.raises(ValueError, match=r"format-1 file.*rbe-onnx rewrite"):
+        _kernels.Weight(w.seeds, w.codes, w.K, w.N, w.block_size, w.bits, w.scale0)
 
 
 def test_level_tables_match_cpp_and_are_distinct():
@@ -52,7 +107,8 @@ def test_level_tables_match_cpp_and_are_distinct():
     assert list(levels(8, UNIFORM_THETA)) == _kernels.level_table(8, UNIFORM_THETA)
 
 
-@pytest.mark.parametrize("bits,block_size", [(2, 64), (3, 128), (4, 32), (4, 64), (8, 256)])
+@pytest.mark.parametrize("bits,block_size", [(2, 64), (3, 32), (3, 64), (3, 128), (3, 256), (4, 32), (4, 64),
+                                             (8, 256)])
 def test_cpp_decoder_is_bit_exact_with_numpy(bits, block_size):
     W = np.random.default_rng(1).standard_normal((300, 45)).astype(np.float32) * 0.03
     w = encode(W, bits=bits, block_size=block_size)
@@ -108,7 +164,7 @@ def _weight(**changes) -> RBEWeight:
     (dict(K=0), "K=0 out of range"),
     (dict(scale0=float("nan")), "scale0"),
     (dict(codes=np.zeros(10, np.uint8)), "codes must be uint8 1-D of 512 bytes"),
-    (dict(seeds=np.zeros((8, 2), np.int64)), "tag is not 0xB1"),
+    (dict(seeds=np.zeros((8, 2), np.int64)), "tag is not 0xB2"),
     (dict(seeds=np.zeros((8, 3), np.int64)), "seeds must be int64 of shape [8, 2]"),
 ])
 def test_invalid_weights_are_rejected_by_both_decoders(change, message):

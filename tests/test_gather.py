@@ -98,4 +98,11 @@ def test_tied_gpt2_embedding_is_stored_once(ref_gpt2_onnx_dir, tmp_path):
     assert len(lm_head) == 1 and lm_head[0].input[1] == wte.input[1]  # one codes initializer for both
     codes = [t for t in model.graph.initializer if t.name.endswith(".rbe_codes")]
     assert sum(1 for t in codes if t.dims[0] == 50257 * 4 * 32) == 1
+    # ... and one seeds initializer (FORMAT.md §2.2): RBEFusedGemm input 4, RBEGather input 3, no attribute.
+    assert lm_head[0].input[4] == wte.input[3] and wte.input[3].endswith(".rbe_seeds")
+    assert not [a for n in (lm_head[0], wte) for a in n.attribute if a.name == "seeds"]
+    seeds = [t for t in model.graph.initializer if t.name.endswith(".rbe_seeds")]
+    assert len(seeds) == 1 and list(seeds[0].dims) == [50257, 256 // 64]
+    wpe = next(n for n in gathers if n.name == "/wpe/Gather")
+    assert any(a.name == "seeds" for a in wpe.attribute)  # a table only one node reads keeps the attribute
     assert not [t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and np.prod(t.dims) > 1e6]

@@ -26,11 +26,15 @@ def build(tmp_path, *, codes_as_input=False, drop=(), inputs=None, **attr_change
     graph_inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", "k"])]
     if codes_as_input:
         graph_inputs.append(helper.make_tensor_value_info("codes", TensorProto.UINT8, [len(w.codes)]))
+    return save_one_node(tmp_path / "m.onnx", node, graph_inputs, [] if codes_as_input else [codes])
+
+
+def save_one_node(path, node, graph_inputs: list, initializers: list) -> str:
+    """A model of `node` alone (output "Y"), saved at `path`; returns the path as a string."""
     graph = helper.make_graph([node], "g", graph_inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-                              [] if codes_as_input else [codes])
+                              initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.rbe", 1)])
     model.ir_version = 10
-    path = tmp_path / "m.onnx"
     path.write_bytes(model.SerializeToString())
     return str(path)
 
@@ -50,7 +54,9 @@ def session(path):
     (dict(N=-3), "N=-3 out of range"),
     (dict(K=1 << 40), "out of range"),
     (dict(scale0=float("inf")), "scale0"),
-    (dict(seeds=numpy_helper.from_array(np.zeros((N, 2), np.int64), "seeds")), "tag is not 0xB1"),
+    (dict(seeds=numpy_helper.from_array(np.zeros((N, 2), np.int64), "seeds")), "tag is not 0xB2"),
+    (dict(seeds=numpy_helper.from_array(pack_seeds(np.zeros((N, 2)), 0, 0, 4) ^ np.int64(0x03 << 56), "seeds")),
+     "tag 0xB1: a format-1 file (its 3-bit code layout is not format 2's); re-run `rbe-onnx rewrite`"),
     (dict(seeds=numpy_helper.from_array(np.zeros((N, 2), np.int32), "seeds")), "INT64"),
     (dict(seeds=numpy_helper.from_array(pack_seeds(np.zeros((N, 3)), 0, 0, 4), "seeds")), "seeds must hold N*nb = 24*2 = 48 values, got 72"),
     (dict(seeds=numpy_helper.from_array(pack_seeds(np.zeros((N, 2)), 0, 0, 3), "seeds")), "width field"),
@@ -61,6 +67,42 @@ def session(path):
 def test_bad_node_fails_at_session_creation_with_node_name(tmp_path, kwargs, message):
     with pytest.raises(Exception) as err:
         session(build(tmp_path, **kwargs))
+    assert "bad_node" in str(err.value) and message in str(err.value), str(err.value)
+
+
+def seeds_input_model(tmp_path, *, attribute: bool, constant: bool = True) -> tuple[str, object]:
+    """One RBEFusedGemm reading its seeds from input 4 (FORMAT.md §2.2), optionally also given the attribute."""
+    w = encode(np.random.default_rng(0).standard_normal((K, N)).astype(np.float32), bits=4, block_size=64)
+    attrs = dict(K=K, N=N, block_size=64, bits=4, scale0=float(w.scale0))
+    if attribute:
+        attrs["seeds"] = numpy_helper.from_array(w.seeds, "seeds")
+    node = helper.make_node("RBEFusedGemm", ["A", "codes", "", "", "seeds"], ["Y"], name="bad_node",
+                            domain="ai.rbe", **attrs)
+    inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", "k"])]
+    inits = [numpy_helper.from_array(w.codes, "codes")]
+    if constant:
+        inits.append(numpy_helper.from_array(w.seeds, "seeds"))
+    else:
+        inputs.append(helper.make_tensor_value_info("seeds", TensorProto.INT64, list(w.seeds.shape)))
+    return save_one_node(tmp_path / "seeds_input.onnx", node, inputs, inits), w
+
+
+def test_seeds_from_a_constant_input_give_the_attribute_result(tmp_path):
+    path, w = seeds_input_model(tmp_path, attribute=False)
+    a = np.random.default_rng(1).standard_normal((3, K)).astype(np.float32)
+    y = session(path).run(None, {"A": a})[0]
+    y_attr = session(build(tmp_path)).run(None, {"A": a})[0]
+    np.testing.assert_array_equal(y, y_attr)
+    np.testing.assert_allclose(y, a @ decode(w), rtol=1e-5, atol=1e-5 * np.abs(y).max())
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(attribute=True), "seeds given twice"),
+    (dict(attribute=False, constant=False), "input 'seeds' must be a constant initializer"),
+])
+def test_bad_seeds_input_fails_with_node_name(tmp_path, kwargs, message):
+    with pytest.raises(Exception) as err:
+        session(seeds_input_model(tmp_path, **kwargs)[0])
     assert "bad_node" in str(err.value) and message in str(err.value), str(err.value)
 
 
@@ -117,13 +159,7 @@ def build_centered(tmp_path, *, center=None, center_as_input=False, seeds=None, 
         inits.append(numpy_helper.from_array(center, "center"))
     if bias is not None:
         inits.append(numpy_helper.from_array(bias, "bias"))
-    graph = helper.make_graph([node], "g", graph_inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-                              inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.rbe", 1)])
-    model.ir_version = 10
-    path = tmp_path / "centered.onnx"
-    path.write_bytes(model.SerializeToString())
-    return str(path), w
+    return save_one_node(tmp_path / "centered.onnx", node, graph_inputs, inits), w
 
 
 def test_center_input_gives_the_numpy_product(tmp_path):

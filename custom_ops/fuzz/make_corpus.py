@@ -17,7 +17,7 @@ import numpy as np
 
 RAW_SHAPE, RAW_SCALE, BIAS, SEED_DELTA, CODE_DELTA, NAN_IN_A, INF_IN_A = 1, 2, 4, 8, 16, 32, 64
 BLOCKS, BITS = (32, 64, 128, 256), (2, 3, 4, 8)
-TAG = 0xB1
+TAG = 0xB2
 
 
 def canonical_seed(bits: int) -> int:
@@ -91,6 +91,7 @@ def corpus() -> dict[str, bytes]:
         files[name] = make_input(**args)
 
     broken("invalid-tag", 1 << 57, index=5)
+    broken("invalid-tag-format1", 0x03 << 56, index=5)  # 0xB2 -> 0xB1
     broken("invalid-width", 0x7 << 28, index=47)
     broken("invalid-outliers", 1 << 33, index=0)
     broken("invalid-reserved", 1 << 45, index=20)

@@ -36,11 +36,11 @@ inline Seed seed_fields(uint64_t s) {
   return f;
 }
 
-// A valid v1 seed (§3) as the int64 bit pattern the node stores.
+// A valid v2 seed (§3) as the int64 bit pattern the node stores.
 inline int64_t make_seed(uint32_t rho, uint32_t theta, int offset, uint32_t width) {
   const uint64_t u = uint64_t{rho & 0xFFFFu} | uint64_t{theta & 0xFu} << 16 |
                      uint64_t{static_cast<uint8_t>(offset)} << 20 | uint64_t{width & 0xFu} << 28 |
-                     uint64_t{0xB1} << 56;
+                     uint64_t{0xB2} << 56;
   return static_cast<int64_t>(u);
 }
 
@@ -87,7 +87,7 @@ inline std::string invalid_reason(int64_t K, int64_t N, int64_t bs, int64_t bits
   }
   for (int64_t i = 0; i < n_seeds; ++i) {
     const Seed f = seed_fields(static_cast<uint64_t>(seeds[i]));
-    if (f.tag != 0xB1) return "tag";
+    if (f.tag != 0xB2) return "tag";
     if (f.width != static_cast<uint32_t>(bits)) return "width";
     if (f.outliers != 0) return "outliers";
     if (!alpha_finite(f.alpha_bits)) return "alpha not finite";
@@ -98,19 +98,21 @@ inline std::string invalid_reason(int64_t K, int64_t N, int64_t bs, int64_t bits
   return "";
 }
 
-// Code i (0 <= i < block_size) of one block, read bit by bit as §4 describes it.
-inline int code_at(const uint8_t* block, int bits, int i) {
+// Code i (0 <= i < bs) of one block, read bit by bit as §4 describes it.
+inline int code_at(const uint8_t* block, int bits, int64_t bs, int i) {
+  if (bits == 3) {  // chunks of C = min(bs, 128) codes: a low plane of C/4 bytes, a high plane of C/8
+    const int C = bs < 128 ? static_cast<int>(bs) : 128, t = i % C;
+    const uint8_t* chunk = block + (i / C) * (3 * C / 8);
+    const int low = (chunk[t % (C / 4)] >> (2 * (t / (C / 4)))) & 3;
+    const int high = (chunk[C / 4 + t % (C / 8)] >> (t / (C / 8))) & 1;
+    return low | high << 2;
+  }
   const uint8_t* g = block + (i / 32) * 4 * bits;
   const int t = i % 32;
   switch (bits) {
     case 8: return g[t];
     case 4: return t < 16 ? (g[t] & 0xF) : (g[t - 16] >> 4);
-    default: {
-      const int low = (g[t % 8] >> (2 * (t / 8))) & 3;
-      if (bits == 2) return low;
-      const int high = (g[8 + t / 8] >> (t % 8)) & 1;
-      return low | high << 2;
-    }
+    default: return (g[t % 8] >> (2 * (t / 8))) & 3;
   }
 }
 
@@ -154,7 +156,7 @@ inline Product reference_gemm(int64_t K, int64_t N, int64_t bs, int bits, float 
       const uint8_t* block = codes + (n * nb + b) * block_bytes;
       const double alpha = center ? alpha_value(f.alpha_bits) : 0.0;
       for (int64_t i = 0; i < bs && b * bs + i < K; ++i) {
-        const int level = L[static_cast<size_t>(code_at(block, bits, static_cast<int>(i)))];
+        const int level = L[static_cast<size_t>(code_at(block, bits, bs, static_cast<int>(i)))];
         const double c = center ? center[b * bs + i] : 0.0;
         w[b * bs + i] = d * (level + f.offset) + alpha * c;
         wmag[b * bs + i] = d * (std::abs(level) + std::abs(f.offset)) + std::fabs(alpha * c);

@@ -118,9 +118,12 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
   for (int64_t i = 0; i < n_blocks; ++i) {
     const SeedFields f = unpack_seed(static_cast<uint64_t>(seeds[i]));
     const char* bad = nullptr;
-    if (f.tag != kSeedTag) bad = "tag is not 0xB1 (not an RBE v1 seed)";
+    if (f.tag == kSeedTagV1)
+      bad = "tag 0xB1: a format-1 file (its 3-bit code layout is not format 2's); re-run `rbe-onnx rewrite` "
+            "on the original model to re-encode it";
+    else if (f.tag != kSeedTag) bad = "tag is not 0xB2 (not an RBE v2 seed)";
     else if (f.width != static_cast<uint32_t>(shape.bits)) bad = "width field differs from the bits attribute";
-    else if (f.outliers != 0) bad = "outlier count nonzero (not allowed in v1)";
+    else if (f.outliers != 0) bad = "outlier count nonzero (not allowed in v2)";
     else if ((f.alpha_bits & 0x7C00u) == 0x7C00u) bad = "alpha is not finite";
     else if (f.alpha_bits != 0 && !has_center) bad = "alpha nonzero but the node has no center vector";
     else if (shape.bits == 8 && f.theta != kUniformTheta) bad = "theta != 4 with 8-bit codes";
@@ -166,6 +169,19 @@ void decode_block(const PreparedWeight& w, int64_t blk, float* out) {
 }
 
 void unpack_block_codes(const uint8_t* block, int bits, int block_size, uint8_t* out) {
+  if (bits == 3) {
+    // Chunks of C codes: a low plane of C/4 bytes (byte j holds the low two bits of codes j, j + C/4, j + C/2,
+    // j + 3C/4), then a high plane of C/8 bytes (bit i of byte j is bit 2 of code j + i·C/8).
+    const int C = chunk_3bit(block_size);
+    for (int c0 = 0; c0 < block_size; c0 += C) {
+      const uint8_t* low = block + c0 * 3 / 8;
+      const uint8_t* high = low + C / 4;
+      for (int t = 0; t < C; ++t)
+        out[c0 + t] = static_cast<uint8_t>(((low[t % (C / 4)] >> (2 * (t / (C / 4)))) & 3) |
+                                           ((high[t % (C / 8)] >> (t / (C / 8))) & 1) << 2);
+    }
+    return;
+  }
   const int group_bytes = 4 * bits;
   for (int g = 0; g < block_size / kGroup; ++g) {
     const uint8_t* p = block + g * group_bytes;
@@ -178,14 +194,8 @@ void unpack_block_codes(const uint8_t* block, int bits, int block_size, uint8_t*
         for (int j = 0; j < 16; ++j) { o[j] = p[j] & 0xF; o[j + 16] = p[j] >> 4; }
         break;
       case 2:
-      case 3:
         for (int j = 0; j < 8; ++j)
           for (int q = 0; q < 4; ++q) o[j + 8 * q] = (p[j] >> (2 * q)) & 3;
-        if (bits == 3) {
-          const uint32_t high = uint32_t{p[8]} | uint32_t{p[9]} << 8 | uint32_t{p[10]} << 16 |
-                                uint32_t{p[11]} << 24;
-          for (int t = 0; t < kGroup; ++t) o[t] |= ((high >> t) & 1u) << 2;
-        }
         break;
     }
   }

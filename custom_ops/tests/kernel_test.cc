@@ -66,6 +66,21 @@ uint16_t random_alpha(std::mt19937_64& rng) {
 // Packs one block of codes (block_size values < 2^bits) per FORMAT.md §4, written from the table there
 // rather than shared with format.cc so that a layout bug cannot hide in both.
 void pack_block(const uint8_t* codes, int bits, int block_size, uint8_t* out) {
+  if (bits == 3) {  // chunks of C codes: C/4 bytes of low bit pairs, then C/8 bytes of high bits
+    const int C = std::min(block_size, 128), n = C / 4, m = C / 8;
+    for (int c0 = 0; c0 < block_size; c0 += C) {
+      const uint8_t* c = codes + c0;
+      uint8_t* p = out + c0 * 3 / 8;
+      for (int j = 0; j < n; ++j)
+        p[j] = static_cast<uint8_t>((c[j] & 3) | (c[j + n] & 3) << 2 | (c[j + 2 * n] & 3) << 4 |
+                                    (c[j + 3 * n] & 3) << 6);
+      for (int j = 0; j < m; ++j) {
+        p[n + j] = 0;
+        for (int i = 0; i < 8; ++i) p[n + j] |= static_cast<uint8_t>(((c[j + i * m] >> 2) & 1) << i);
+      }
+    }
+    return;
+  }
   for (int g = 0; g < block_size / 32; ++g) {
     const uint8_t* c = codes + 32 * g;
     uint8_t* p = out + g * 4 * bits;
@@ -76,15 +91,9 @@ void pack_block(const uint8_t* codes, int bits, int block_size, uint8_t* out) {
       case 4:
         for (int j = 0; j < 16; ++j) p[j] = static_cast<uint8_t>(c[j] | c[j + 16] << 4);
         break;
-      default: {  // 2 and 3: low two bits as for 2-bit codes, then bit 2 of each code in a LE uint32
+      default:
         for (int j = 0; j < 8; ++j)
           p[j] = static_cast<uint8_t>((c[j] & 3) | (c[j + 8] & 3) << 2 | (c[j + 16] & 3) << 4 | (c[j + 24] & 3) << 6);
-        if (bits == 3) {
-          uint32_t high = 0;
-          for (int t = 0; t < 32; ++t) high |= uint32_t{(c[t] >> 2) & 1u} << t;
-          for (int i = 0; i < 4; ++i) p[8 + i] = static_cast<uint8_t>(high >> (8 * i));
-        }
-      }
     }
   }
 }
@@ -389,7 +398,8 @@ void test_malformed() {
   prepare(good.shape, with_seed(ok_seed), nbytes);  // the control: must not throw
   report(true, "malformed: control weight accepted");
 
-  expect_format_error("bad tag", [&] { prepare(good.shape, with_seed((ok_seed & ~(0xFFull << 56)) | 0xB2ull << 56), nbytes); });
+  expect_format_error("bad tag", [&] { prepare(good.shape, with_seed((ok_seed & ~(0xFFull << 56)) | 0xB3ull << 56), nbytes); });
+  expect_format_error("format-1 tag", [&] { prepare(good.shape, with_seed((ok_seed & ~(0xFFull << 56)) | 0xB1ull << 56), nbytes); });
   expect_format_error("width != bits", [&] { prepare(good.shape, with_seed(make_seed(100, 3, -5, 3)), nbytes); });
   expect_format_error("outliers nonzero", [&] { prepare(good.shape, with_seed(ok_seed | 1ull << 32), nbytes); });
   expect_format_error("alpha without a center", [&] { prepare(good.shape, with_seed(ok_seed | 1ull << 47), nbytes); });

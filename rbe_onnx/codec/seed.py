@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-TAG = 0xB1
+TAG = 0xB2
+TAG_V1 = 0xB1  # format 1 (its own 3-bit layout): refused, pointing to `rbe-onnx rewrite`
 RHO_PER_LOG_SCALE = 512.0  # rho / 512 = hyperbolic distance 2·atanh(r) = ln(d / s0)
 THETA_STEPS = 16
 UNIFORM_THETA = 4  # theta index whose gamma is 1 (the uniform grid)
@@ -73,9 +74,11 @@ def check_seeds(seeds: np.ndarray, K: int, N: int, bits: int, block_size: int,
         raise FormatError(f"seeds must be int64 of shape [{N}, {nb}], got {seeds.dtype} {list(seeds.shape)}")
     f = unpack_seeds(seeds)
     problems = [
-        (f["tag"] != TAG, f"tag is not 0x{TAG:X}"),
+        (f["tag"] == TAG_V1, f"tag 0x{TAG_V1:X}: a format-1 file (its 3-bit code layout is not format 2's); "
+                             "re-run `rbe-onnx rewrite` on the original model to re-encode it"),
+        (f["tag"] != TAG, f"tag is not 0x{TAG:X} (not an RBE v2 seed)"),
         (f["width"] != bits, f"width field differs from bits={bits}"),
-        (f["outliers"] != 0, "outlier count nonzero (not allowed in v1)"),
+        (f["outliers"] != 0, "outlier count nonzero (not allowed in v2)"),
         (~np.isfinite(f["alpha"]), "alpha is not finite"),
         ((f["alpha"].view(np.uint32) != 0) if not has_center else np.zeros(1, bool),
          "alpha nonzero but the node has no center vector"),

@@ -1,4 +1,4 @@
-// RBE weight format v1 (docs/FORMAT.md): seed fields, level tables and the validated, kernel-ready view
+// RBE weight format v2 (docs/FORMAT.md): seed fields, level tables and the validated, kernel-ready view
 // of one weight. The codes are never copied: PreparedWeight points into the caller's (memory-mapped) bytes.
 #pragma once
 
@@ -9,10 +9,13 @@
 
 namespace rbe {
 
-constexpr uint32_t kSeedTag = 0xB1;
+constexpr uint32_t kSeedTag = 0xB2;
+constexpr uint32_t kSeedTagV1 = 0xB1;  // format 1: refused with a pointer to `rbe-onnx rewrite` (§3)
 constexpr int kThetaSteps = 16;
 constexpr int kUniformTheta = 4;
 constexpr int kGroup = 32;  // codes per packing group (§4)
+// Codes per chunk of a 3-bit block (§4): min(block_size, 128).
+constexpr int chunk_3bit(int64_t block_size) { return block_size < 128 ? static_cast<int>(block_size) : 128; }
 constexpr int64_t kMaxDim = int64_t{1} << 24;
 
 // A format or shape violation; the message names the rule broken. The ORT layer adds the node name.

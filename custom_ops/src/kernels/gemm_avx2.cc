@@ -1,8 +1,9 @@
 // AVX2/FMA kernel (compiled with -mavx2 -mfma, chosen at run time by CPUID).
 // Float path (accuracy_level 0):
-// M == 1 (decode): per column, 32 codes at a time become 32 int8 levels through shifts, masks and one
-// pshufb table lookup; they are widened to floats and FMA'd against the activations; the block scale is
-// applied once per block and the offset through the precomputed block sums.
+// M == 1 (decode): per column, 32 codes at a time (read a chunk at a time, FORMAT.md §4) become 32 int8
+// levels through shifts, masks and one pshufb table lookup; they are widened to floats and FMA'd against
+// the activations; the block scale is applied once per block and the offset through the precomputed block
+// sums.
 // M > 1 (prefill): a tile of 16 columns is decoded into a cache-resident [K][16] float buffer that feeds a
 // 6-row x 16-column FMA micro-kernel, so each weight is decoded once per tile, not once per row.
 // Int8 path (accuracy_level 4, activations quantized by the dispatcher): gemm_avx2_int8.inc, compiled twice,
@@ -18,9 +19,10 @@
 namespace rbe {
 namespace {
 
-// 32 byte-codes of one packing group (FORMAT.md §4), in order 0..31.
+// 32 byte-codes of one packing group of 2-, 4- or 8-bit codes (FORMAT.md §4), in order 0..31.
 template <int BITS>
 inline __m256i group_codes(const uint8_t* p) {
+  static_assert(BITS != 3, "3-bit codes come in chunks: chunk_codes");
   if constexpr (BITS == 8) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   } else if constexpr (BITS == 4) {
@@ -34,27 +36,69 @@ inline __m256i group_codes(const uint8_t* p) {
     uint64_t bytes;
     std::memcpy(&bytes, p, 8);
     const __m256i v = _mm256_set1_epi64x(static_cast<long long>(bytes));
-    __m256i codes = _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 2, 4, 6)), _mm256_set1_epi8(0x03));
-    if constexpr (BITS == 3) {
-      uint32_t high;
-      std::memcpy(&high, p + 8, 4);
-      // Byte t takes byte t/8 of `high`, then keeps bit t%8 of it.
-      const __m256i spread = _mm256_shuffle_epi8(
-          _mm256_set1_epi32(static_cast<int>(high)),
-          _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
-      const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
-      const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-      codes = _mm256_or_si256(codes, _mm256_and_si256(set, _mm256_set1_epi8(4)));
-    }
-    return codes;
+    return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 2, 4, 6)), _mm256_set1_epi8(0x03));
   }
 }
 
-// int8 levels L[c] of a group's 32 codes.
+// The byte-codes of one chunk of CH codes (CH = chunk_of<BITS>): codes 32v .. 32v+31 in out[v].
+// A 3-bit code is (low-plane bits) | (high-plane bit) << 2. Per vector, the low bits are a shift and a mask
+// of the low plane; the high bit is a per-lane variable shift of a broadcast of the high plane that brings
+// the bit this lane needs to bit 2 of every byte, and a mask. A right shift by s puts bit 2 + s of each byte
+// at bit 2; a left shift by s puts bit 2 − s there (bits of a lane's top byte shifted out are never needed).
+template <int BITS, int CH>
+inline void chunk_codes(const uint8_t* p, __m256i out[CH / 32]) {
+  if constexpr (BITS != 3) {
+    out[0] = group_codes<BITS>(p);
+  } else {
+    const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
+    if constexpr (CH == 128) {
+      // Low plane: 32 bytes, field v (bits 2v, 2v+1) of byte t is code 32v + t. High plane: 16 bytes, bit u
+      // of byte j is code j + 16u, so vector v needs bit 2v in the low lane (codes 32v .. 32v+15) and 2v + 1
+      // in the high lane. h0, the plane shifted left by 2 and 1, has it at bit 2v + 2 for v = 0, 1, 2, just
+      // above the field: vectors 1 and 2 mask field and bit in place and shift both down at once (the
+      // 16-bit shift brings in only masked-off bits). Vector 3's bit would land at bit 8: a shift of its
+      // own. 17 operations per 128 codes.
+      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)));
+      const __m256i h0 = _mm256_sllv_epi32(hi, _mm256_setr_epi32(2, 2, 2, 2, 1, 1, 1, 1));
+      const __m256i h3 = _mm256_srlv_epi32(hi, _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5));
+      out[0] = _mm256_or_si256(_mm256_and_si256(lo, m3), _mm256_and_si256(h0, m4));
+      out[1] = _mm256_srli_epi16(_mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi8(0x0C)),
+                                                 _mm256_and_si256(h0, _mm256_set1_epi8(0x10))), 2);
+      out[2] = _mm256_srli_epi16(_mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi8(0x30)),
+                                                 _mm256_and_si256(h0, _mm256_set1_epi8(0x40))), 4);
+      out[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 6), m3), _mm256_and_si256(h3, m4));
+    } else if constexpr (CH == 64) {
+      // Low plane: 16 bytes, field f of byte j is code 16f + j: in both lanes, lane L of vector v shifted by
+      // 2·(2v + L). High plane: 8 bytes, bit u of byte j is code j + 8u: in all four 64-bit lanes, lane q
+      // of vector v needs bit 4v + q (for v = 0 from a copy shifted left by 2, as bits 0 and 1 need a left
+      // shift and bits 2 and 3 a right one).
+      const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      uint64_t high;
+      std::memcpy(&high, p + 16, 8);
+      const __m256i hi = _mm256_set1_epi64x(static_cast<long long>(high));
+      const __m256i h0 = _mm256_srlv_epi64(_mm256_slli_epi64(hi, 2), _mm256_setr_epi64x(0, 1, 2, 3));
+      const __m256i h1 = _mm256_srlv_epi64(hi, _mm256_setr_epi64x(2, 3, 4, 5));
+      out[0] = _mm256_or_si256(_mm256_and_si256(_mm256_srlv_epi32(lo, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)), m3),
+                               _mm256_and_si256(h0, m4));
+      out[1] = _mm256_or_si256(_mm256_and_si256(_mm256_srlv_epi32(lo, _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)), m3),
+                               _mm256_and_si256(h1, m4));
+    } else {
+      // Low plane: the 2-bit group layout. High plane: 4 bytes, bit u of byte j is code j + 4u: in all
+      // eight 32-bit lanes, lane u needs bit u (two shifts, as for lanes 0 and 1 it is a left one).
+      uint32_t high;
+      std::memcpy(&high, p + 8, 4);
+      const __m256i hi = _mm256_set1_epi32(static_cast<int>(high));
+      const __m256i h = _mm256_srlv_epi32(_mm256_sllv_epi32(hi, _mm256_setr_epi32(2, 1, 0, 0, 2, 1, 0, 0)),
+                                          _mm256_setr_epi32(0, 0, 0, 1, 4, 4, 4, 5));
+      out[0] = _mm256_or_si256(group_codes<2>(p), _mm256_and_si256(h, m4));
+    }
+  }
+}
+
+// int8 levels L[c] of 32 byte-codes.
 template <int BITS>
-inline __m256i group_levels(const uint8_t* p, __m256i lut) {
-  const __m256i codes = group_codes<BITS>(p);
+inline __m256i code_levels(__m256i codes, __m256i lut) {
   if constexpr (BITS == 8) return _mm256_xor_si256(codes, _mm256_set1_epi8(static_cast<char>(0x80)));
   else return _mm256_shuffle_epi8(lut, codes);
 }
@@ -115,11 +159,12 @@ __attribute__((always_inline)) inline void prefetch_ahead(const PreparedWeight& 
 
 // Rows [m0, m0+R) against columns [n0, n1): each group of codes is decoded once into four float vectors
 // and used by all R rows, so batched decoding (R = batch size) costs little more than one row. BS (the
-// block size) is a template parameter so that a block's groups unroll completely.
+// block size) is a template parameter so that a block's chunks unroll completely.
 template <int BITS, int BS, int R>
 void gemv_rows(const GemmProblem& p, int64_t m0, int64_t n0, int64_t n1) {
   const PreparedWeight& w = *p.w;
   constexpr int64_t bb = BS * BITS / 8;
+  constexpr int CH = chunk_of<BITS>(BS);
   const int64_t nb = w.shape.blocks_per_column(), Kp = w.shape.padded_K(), N = w.shape.N;
   const float* a = p.a_pad + m0 * Kp;
   const float* sums = p.a_sums + m0 * nb;
@@ -134,17 +179,21 @@ void gemv_rows(const GemmProblem& p, int64_t m0, int64_t n0, int64_t n1) {
       const __m256i lut = block_lut(w, n * nb + b);
       __m256 d0[R], d1[R];  // two chains per row hide the FMA latency
       for (int r = 0; r < R; ++r) d0[r] = d1[r] = _mm256_setzero_ps();
-      for (int g = 0; g < BS; g += 32) {
-        const __m256i lv = group_levels<BITS>(codes + g * BITS / 8, lut);
-        const __m128i lo = _mm256_castsi256_si128(lv), hi = _mm256_extracti128_si256(lv, 1);
-        const __m256 w0 = widen(lo), w1 = widen(_mm_srli_si128(lo, 8));
-        const __m256 w2 = widen(hi), w3 = widen(_mm_srli_si128(hi, 8));
-        for (int r = 0; r < R; ++r) {
-          const float* ab = a + r * Kp + b * BS + g;
-          d0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(ab), d0[r]);
-          d1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(ab + 8), d1[r]);
-          d0[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(ab + 16), d0[r]);
-          d1[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(ab + 24), d1[r]);
+      for (int k0 = 0; k0 < BS; k0 += CH) {
+        __m256i cv[CH / 32];
+        chunk_codes<BITS, CH>(codes + k0 * BITS / 8, cv);
+        for (int v = 0; v < CH / 32; ++v) {
+          const __m256i lv = code_levels<BITS>(cv[v], lut);
+          const __m128i lo = _mm256_castsi256_si128(lv), hi = _mm256_extracti128_si256(lv, 1);
+          const __m256 w0 = widen(lo), w1 = widen(_mm_srli_si128(lo, 8));
+          const __m256 w2 = widen(hi), w3 = widen(_mm_srli_si128(hi, 8));
+          for (int r = 0; r < R; ++r) {
+            const float* ab = a + r * Kp + b * BS + k0 + 32 * v;
+            d0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(ab), d0[r]);
+            d1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(ab + 8), d1[r]);
+            d0[r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(ab + 16), d0[r]);
+            d1[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(ab + 24), d1[r]);
+          }
         }
       }
       const __m256 d = _mm256_broadcast_ss(dcol + b);
@@ -178,9 +227,9 @@ inline void transpose8(__m256 r[8]) {
 
 // Decodes columns [n0, n0+16) (zeros past N) into tile[k][16] as full float weights d·(L[c]+o). Eight
 // columns are decoded side by side and turned with 8x8 register transposes: one vector store per 8 weights
-// instead of a scattered scalar store per weight.
-template <int BITS>
-void decode_tile(const PreparedWeight& w, int64_t n0, float* tile) {
+// instead of a scattered scalar store per weight. CH = chunk_of<BITS>(block_size).
+template <int BITS, int CH>
+void decode_tile_chunks(const PreparedWeight& w, int64_t n0, float* tile) {
   const int64_t nb = w.shape.blocks_per_column(), bs = w.shape.block_size, bb = w.shape.block_bytes();
   for (int half = 0; half < kTileN / 8; ++half) {
     const int64_t c0 = n0 + 8 * half;
@@ -197,22 +246,39 @@ void decode_tile(const PreparedWeight& w, int64_t n0, float* tile) {
         lut[j] = live ? block_lut(w, blk) : _mm256_setzero_si256();
         codes[j] = live ? w.codes + blk * bb : nullptr;
       }
-      for (int64_t g = 0; g < bs; g += 32) {
-        __m256i lv[8];
-        for (int j = 0; j < 8; ++j)
-          lv[j] = codes[j] ? group_levels<BITS>(codes[j] + g * BITS / 8, lut[j]) : _mm256_setzero_si256();
-        for (int q = 0; q < 4; ++q) {
-          __m256 v[8];
-          for (int j = 0; j < 8; ++j) {
-            const __m128i half128 = q < 2 ? _mm256_castsi256_si128(lv[j]) : _mm256_extracti128_si256(lv[j], 1);
-            const __m128i bytes = (q & 1) ? _mm_srli_si128(half128, 8) : half128;
-            v[j] = _mm256_mul_ps(d[j], _mm256_add_ps(widen(bytes), o[j]));
-          }
-          transpose8(v);
-          float* dst = tile + (b * bs + g + 8 * q) * kTileN + 8 * half;
-          for (int t = 0; t < 8; ++t) _mm256_store_ps(dst + t * kTileN, v[t]);
+      for (int64_t k0 = 0; k0 < bs; k0 += CH) {
+        __m256i lv[8][CH / 32];
+        for (int j = 0; j < 8; ++j) {
+          if (codes[j]) chunk_codes<BITS, CH>(codes[j] + k0 * BITS / 8, lv[j]);
+          for (int u = 0; u < CH / 32; ++u)
+            lv[j][u] = codes[j] ? code_levels<BITS>(lv[j][u], lut[j]) : _mm256_setzero_si256();
         }
+        for (int u = 0; u < CH / 32; ++u)
+          for (int q = 0; q < 4; ++q) {
+            __m256 v[8];
+            for (int j = 0; j < 8; ++j) {
+              const __m128i half128 = q < 2 ? _mm256_castsi256_si128(lv[j][u]) : _mm256_extracti128_si256(lv[j][u], 1);
+              const __m128i bytes = (q & 1) ? _mm_srli_si128(half128, 8) : half128;
+              v[j] = _mm256_mul_ps(d[j], _mm256_add_ps(widen(bytes), o[j]));
+            }
+            transpose8(v);
+            float* dst = tile + (b * bs + k0 + 32 * u + 8 * q) * kTileN + 8 * half;
+            for (int t = 0; t < 8; ++t) _mm256_store_ps(dst + t * kTileN, v[t]);
+          }
       }
+    }
+  }
+}
+
+template <int BITS>
+void decode_tile(const PreparedWeight& w, int64_t n0, float* tile) {
+  if constexpr (BITS != 3) {
+    decode_tile_chunks<BITS, kGroup>(w, n0, tile);
+  } else {
+    switch (chunk_of<BITS>(w.shape.block_size)) {
+      case 32: return decode_tile_chunks<BITS, 32>(w, n0, tile);
+      case 64: return decode_tile_chunks<BITS, 64>(w, n0, tile);
+      default: return decode_tile_chunks<BITS, 128>(w, n0, tile);
     }
   }
 }

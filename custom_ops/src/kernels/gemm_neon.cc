@@ -1,9 +1,9 @@
 // NEON kernel for aarch64 (Advanced SIMD is mandatory there, so it is chosen whenever it is built).
 // Same plan as gemm_avx2.cc, and checked against gemm_scalar.cc (the reference) by tests/kernel_test.cc:
-// M == 1 (decode): per column, 32 codes at a time become 32 int8 levels through shifts, masks and one
-// vqtbl1q_s8 table lookup per 16 codes (8-bit codes need no table: c - 128 is c ^ 0x80 read as int8);
-// they are widened to floats and FMA'd against the activations; the block scale is applied once per block
-// and the offset through the precomputed block sums.
+// M == 1 (decode): per column, 32 codes at a time (read a chunk at a time, FORMAT.md §4) become 32 int8
+// levels through shifts, masks and one vqtbl1q_s8 table lookup per 16 codes (8-bit codes need no table:
+// c - 128 is c ^ 0x80 read as int8); they are widened to floats and FMA'd against the activations; the
+// block scale is applied once per block and the offset through the precomputed block sums.
 // M > 1 (prefill): a tile of 16 columns is decoded into a cache-resident [K][16] float buffer (four
 // columns at a time, transposed in registers so every store is a whole vector) that feeds a 4-row x
 // 16-column FMA micro-kernel, so each weight is decoded once per tile, not once per row.
@@ -19,10 +19,11 @@
 namespace rbe {
 namespace {
 
-// The 32 byte-codes of one packing group (FORMAT.md §4): codes 0..15 in lo, 16..31 in hi.
-// Each branch names the scalar loop of unpack_block_codes (format.cc) it replaces.
+// The 32 byte-codes of one packing group of 2-, 4- or 8-bit codes (FORMAT.md §4): codes 0..15 in lo,
+// 16..31 in hi. Each branch names the scalar loop of unpack_block_codes (format.cc) it replaces.
 template <int BITS>
 inline void group_codes(const uint8_t* p, uint8x16_t& lo, uint8x16_t& hi) {
+  static_assert(BITS != 3, "3-bit codes come in chunks: chunk_codes");
   if constexpr (BITS == 8) {
     // scalar: o[t] = p[t]
     lo = vld1q_u8(p);
@@ -40,39 +41,70 @@ inline void group_codes(const uint8_t* p, uint8x16_t& lo, uint8x16_t& hi) {
     const uint8x8_t m = vdup_n_u8(0x03);
     lo = vcombine_u8(vand_u8(v, m), vand_u8(vshr_n_u8(v, 2), m));
     hi = vcombine_u8(vand_u8(vshr_n_u8(v, 4), m), vshr_n_u8(v, 6));
-    if constexpr (BITS == 3) {
-      // scalar: o[t] |= ((high >> t) & 1) << 2 with high the little-endian uint32 at p + 8.
-      // Byte t of the group needs bit t%8 of byte t/8 of `high`: broadcast that byte over 8 lanes, test
-      // lane i against bit i (vtst gives 0xFF where set) and keep 4 where the bit was set.
-      // memcpy, not an 8-byte vld1_u8: the group ends 4 bytes after p + 8, possibly at the end of the codes.
-      uint32_t high;
-      std::memcpy(&high, p + 8, 4);
-      const uint8x8_t h = vreinterpret_u8_u32(vdup_n_u32(high));  // lanes 0..3 = bytes 0..3 (little-endian)
-      static const uint8_t kBits[16] = {1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128};
-      const uint8x16_t bit = vld1q_u8(kBits);
-      const uint8x16_t four = vdupq_n_u8(4);
-      const uint8x16_t s_lo = vcombine_u8(vdup_lane_u8(h, 0), vdup_lane_u8(h, 1));
-      const uint8x16_t s_hi = vcombine_u8(vdup_lane_u8(h, 2), vdup_lane_u8(h, 3));
-      lo = vorrq_u8(lo, vandq_u8(vtstq_u8(s_lo, bit), four));
-      hi = vorrq_u8(hi, vandq_u8(vtstq_u8(s_hi, bit), four));
-    }
   }
 }
 
-// int8 levels L[c] of a group's 32 codes (FORMAT.md §5). 2/3/4-bit codes are < 16, so one 16-byte table
+// 16 3-bit codes from low-plane bytes holding their low bits in field F (bits 2F, 2F+1) and high-plane bytes
+// holding their bit 2 in bit U. The shift-left-and-insert keeps only bits 0-1 of the first operand, so the
+// low bits need no mask.
+template <int F, int U>
+inline uint8x16_t codes3(uint8x16_t low, uint8x16_t high) {
+  uint8x16_t l = low, h = high;
+  if constexpr (F > 0) l = vshrq_n_u8(low, 2 * F);
+  if constexpr (U > 0) h = vshrq_n_u8(high, U);
+  return vsliq_n_u8(l, vandq_u8(h, vdupq_n_u8(1)), 2);
+}
+
+// The byte-codes of one chunk of CH codes (CH = chunk_of<BITS>): codes 16i .. 16i+15 in out[i].
+// scalar (3 bits): low = (p[t % (CH/4)] >> 2·(t / (CH/4))) & 3, high = (p[CH/4 + t % (CH/8)] >> (t / (CH/8))) & 1.
+template <int BITS, int CH>
+inline void chunk_codes(const uint8_t* p, uint8x16_t out[CH / 16]) {
+  if constexpr (BITS != 3) {
+    group_codes<BITS>(p, out[0], out[1]);
+  } else if constexpr (CH == 128) {
+    // Codes 16i + t: low-plane byte 16·(i%2) + t, field i/2; high-plane byte t, bit i.
+    const uint8x16_t l0 = vld1q_u8(p), l1 = vld1q_u8(p + 16), h = vld1q_u8(p + 32);
+    out[0] = codes3<0, 0>(l0, h);
+    out[1] = codes3<0, 1>(l1, h);
+    out[2] = codes3<1, 2>(l0, h);
+    out[3] = codes3<1, 3>(l1, h);
+    out[4] = codes3<2, 4>(l0, h);
+    out[5] = codes3<2, 5>(l1, h);
+    out[6] = codes3<3, 6>(l0, h);
+    out[7] = codes3<3, 7>(l1, h);
+  } else if constexpr (CH == 64) {
+    // Codes 16i + t: low-plane byte t, field i; high-plane byte t%8, bit 2i + t/8, i.e. bit 2i of the
+    // 8 bytes followed by the same 8 bytes shifted right by 1.
+    const uint8x16_t l = vld1q_u8(p);
+    const uint8x8_t h8 = vld1_u8(p + 16);
+    const uint8x16_t h = vcombine_u8(h8, vshr_n_u8(h8, 1));
+    out[0] = codes3<0, 0>(l, h);
+    out[1] = codes3<1, 2>(l, h);
+    out[2] = codes3<2, 4>(l, h);
+    out[3] = codes3<3, 6>(l, h);
+  } else {
+    // Codes t: low-plane byte t%8, field t/8 (the 2-bit group layout); high-plane byte t%4, bit t/4, by a
+    // per-byte shift of the 4 bytes repeated. memcpy, not an 8-byte vld1_u8: the high plane ends the chunk,
+    // possibly the codes.
+    const uint8x8_t l = vld1_u8(p);
+    uint32_t high;
+    std::memcpy(&high, p + 8, 4);
+    const uint8x16_t h = vreinterpretq_u8_u32(vdupq_n_u32(high));
+    static const int8_t kShift[32] = {0,  0,  0,  0,  -1, -1, -1, -1, -2, -2, -2, -2, -3, -3, -3, -3,
+                                      -4, -4, -4, -4, -5, -5, -5, -5, -6, -6, -6, -6, -7, -7, -7, -7};
+    const uint8x16_t one = vdupq_n_u8(1);
+    out[0] = vsliq_n_u8(vcombine_u8(l, vshr_n_u8(l, 2)), vandq_u8(vshlq_u8(h, vld1q_s8(kShift)), one), 2);
+    out[1] = vsliq_n_u8(vcombine_u8(vshr_n_u8(l, 4), vshr_n_u8(l, 6)),
+                        vandq_u8(vshlq_u8(h, vld1q_s8(kShift + 16)), one), 2);
+  }
+}
+
+// int8 levels L[c] of 16 byte-codes (FORMAT.md §5). 2/3/4-bit codes are < 16, so one 16-byte table
 // (w.lut[theta]) serves them all through vqtbl1q_s8; 8-bit levels are c - 128 = (c ^ 0x80) as int8.
 template <int BITS>
-inline void group_levels(const uint8_t* p, int8x16_t lut, int8x16_t& lo, int8x16_t& hi) {
-  uint8x16_t c_lo, c_hi;
-  group_codes<BITS>(p, c_lo, c_hi);
-  if constexpr (BITS == 8) {
-    const uint8x16_t bias = vdupq_n_u8(0x80);
-    lo = vreinterpretq_s8_u8(veorq_u8(c_lo, bias));
-    hi = vreinterpretq_s8_u8(veorq_u8(c_hi, bias));
-  } else {
-    lo = vqtbl1q_s8(lut, c_lo);
-    hi = vqtbl1q_s8(lut, c_hi);
-  }
+inline int8x16_t code_levels(uint8x16_t codes, int8x16_t lut) {
+  if constexpr (BITS == 8) return vreinterpretq_s8_u8(veorq_u8(codes, vdupq_n_u8(0x80)));
+  else return vqtbl1q_s8(lut, codes);
 }
 
 // 16 int8 levels -> four float32x4 (levels are in [-128, 127], exact in float).
@@ -84,20 +116,19 @@ inline void widen(int8x16_t v, float32x4_t out[4]) {
   out[3] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(h)));
 }
 
-// The 32 levels of a group as eight float32x4: lanes of f[q] are codes 4q .. 4q+3.
+// The levels of 32 byte-codes (lo: codes 0..15, hi: 16..31) as eight float32x4: lanes of f[q] are codes
+// 4q .. 4q+3.
 template <int BITS>
-inline void group_floats(const uint8_t* p, int8x16_t lut, float32x4_t f[8]) {
-  int8x16_t lo, hi;
-  group_levels<BITS>(p, lut, lo, hi);
-  widen(lo, f);
-  widen(hi, f + 4);
+inline void code_floats(uint8x16_t lo, uint8x16_t hi, int8x16_t lut, float32x4_t f[8]) {
+  widen(code_levels<BITS>(lo, lut), f);
+  widen(code_levels<BITS>(hi, lut), f + 4);
 }
 
 inline int8x16_t block_lut(const PreparedWeight& w, int64_t blk) { return vld1q_s8(w.lut[w.theta[blk]]); }
 
 // scalar: Y[n] = Σ_b d_b · (Σ_k L[c_k]·a_k + o_b · Σ_k a_k) + bias[n], the same sum as gemm_scalar.cc
-// written block by block so the scale multiplies once per block.
-template <int BITS>
+// written block by block so the scale multiplies once per block. CH = chunk_of<BITS>(block_size).
+template <int BITS, int CH>
 void gemv(const GemmProblem& p, int64_t n0, int64_t n1) {
   const PreparedWeight& w = *p.w;
   const int64_t nb = w.shape.blocks_per_column(), bs = w.shape.block_size, bb = w.shape.block_bytes();
@@ -119,18 +150,22 @@ void gemv(const GemmProblem& p, int64_t n0, int64_t n1) {
       const float* ab = a + b * bs;
       // Four independent accumulators: a group is 8 FMAs, and one chain would wait on FMA latency.
       float32x4_t d0 = vdupq_n_f32(0.f), d1 = d0, d2 = d0, d3 = d0;
-      for (int64_t g = 0; g < bs; g += 32) {
-        float32x4_t f[8];
-        group_floats<BITS>(codes + g * BITS / 8, lut, f);
-        const float* ag = ab + g;
-        d0 = vfmaq_f32(d0, f[0], vld1q_f32(ag));
-        d1 = vfmaq_f32(d1, f[1], vld1q_f32(ag + 4));
-        d2 = vfmaq_f32(d2, f[2], vld1q_f32(ag + 8));
-        d3 = vfmaq_f32(d3, f[3], vld1q_f32(ag + 12));
-        d0 = vfmaq_f32(d0, f[4], vld1q_f32(ag + 16));
-        d1 = vfmaq_f32(d1, f[5], vld1q_f32(ag + 20));
-        d2 = vfmaq_f32(d2, f[6], vld1q_f32(ag + 24));
-        d3 = vfmaq_f32(d3, f[7], vld1q_f32(ag + 28));
+      for (int64_t k0 = 0; k0 < bs; k0 += CH) {
+        uint8x16_t cv[CH / 16];
+        chunk_codes<BITS, CH>(codes + k0 * BITS / 8, cv);
+        for (int v = 0; v < CH / 32; ++v) {
+          float32x4_t f[8];
+          code_floats<BITS>(cv[2 * v], cv[2 * v + 1], lut, f);
+          const float* ag = ab + k0 + 32 * v;
+          d0 = vfmaq_f32(d0, f[0], vld1q_f32(ag));
+          d1 = vfmaq_f32(d1, f[1], vld1q_f32(ag + 4));
+          d2 = vfmaq_f32(d2, f[2], vld1q_f32(ag + 8));
+          d3 = vfmaq_f32(d3, f[3], vld1q_f32(ag + 12));
+          d0 = vfmaq_f32(d0, f[4], vld1q_f32(ag + 16));
+          d1 = vfmaq_f32(d1, f[5], vld1q_f32(ag + 20));
+          d2 = vfmaq_f32(d2, f[6], vld1q_f32(ag + 24));
+          d3 = vfmaq_f32(d3, f[7], vld1q_f32(ag + 28));
+        }
       }
       const float32x4_t dsum = vaddq_f32(vaddq_f32(d0, d1), vaddq_f32(d2, d3));
       acc = vfmaq_n_f32(acc, dsum, w.scale[blk]);
@@ -156,8 +191,8 @@ inline void transpose4(const float32x4_t r[4], float32x4_t out[4]) {
 // k < padded_K (scalar: decode_block per column, then tile[k][j] = column_j[k]).
 // Four columns are decoded side by side: each gives eight float32x4 per group (k along the lanes), and a
 // 4x4 transpose (trn1/trn2, cheap on NEON) turns them into vectors along the tile row (4 columns at one
-// k), stored whole, instead of 32 strided scalar stores per column and group.
-template <int BITS>
+// k), stored whole, instead of 32 strided scalar stores per column and group. CH = chunk_of<BITS>(block_size).
+template <int BITS, int CH>
 void decode_tile(const PreparedWeight& w, int64_t n0, float* tile) {
   const int64_t nb = w.shape.blocks_per_column(), bs = w.shape.block_size, bb = w.shape.block_bytes();
   const int64_t N = w.shape.N;
@@ -174,22 +209,26 @@ void decode_tile(const PreparedWeight& w, int64_t n0, float* tile) {
         d[c] = vdupq_n_f32(w.scale[blk]);
         o[c] = vdupq_n_f32(w.offset[blk]);
       }
-      for (int64_t g = 0; g < bs; g += 32) {
-        float32x4_t f[4][8];  // f[column][q]: k = 4q .. 4q+3 of this group
-        for (int c = 0; c < 4; ++c) {
-          if (c < live) {
-            group_floats<BITS>(codes[c] + g * BITS / 8, lut[c], f[c]);
-            for (int q = 0; q < 8; ++q) f[c][q] = vmulq_f32(d[c], vaddq_f32(f[c][q], o[c]));
-          } else {
-            for (int q = 0; q < 8; ++q) f[c][q] = vdupq_n_f32(0.f);
+      for (int64_t k0 = 0; k0 < bs; k0 += CH) {
+        uint8x16_t cv[4][CH / 16];
+        for (int c = 0; c < live; ++c) chunk_codes<BITS, CH>(codes[c] + k0 * BITS / 8, cv[c]);
+        for (int v = 0; v < CH / 32; ++v) {
+          float32x4_t f[4][8];  // f[column][q]: k = 4q .. 4q+3 of these 32 codes
+          for (int c = 0; c < 4; ++c) {
+            if (c < live) {
+              code_floats<BITS>(cv[c][2 * v], cv[c][2 * v + 1], lut[c], f[c]);
+              for (int q = 0; q < 8; ++q) f[c][q] = vmulq_f32(d[c], vaddq_f32(f[c][q], o[c]));
+            } else {
+              for (int q = 0; q < 8; ++q) f[c][q] = vdupq_n_f32(0.f);
+            }
           }
-        }
-        float* dst = tile + (b * bs + g) * kTileN + j0;
-        for (int q = 0; q < 8; ++q) {
-          const float32x4_t r[4] = {f[0][q], f[1][q], f[2][q], f[3][q]};
-          float32x4_t t[4];
-          transpose4(r, t);
-          for (int i = 0; i < 4; ++i) vst1q_f32(dst + (4 * q + i) * kTileN, t[i]);
+          float* dst = tile + (b * bs + k0 + 32 * v) * kTileN + j0;
+          for (int q = 0; q < 8; ++q) {
+            const float32x4_t r[4] = {f[0][q], f[1][q], f[2][q], f[3][q]};
+            float32x4_t t[4];
+            transpose4(r, t);
+            for (int i = 0; i < 4; ++i) vst1q_f32(dst + (4 * q + i) * kTileN, t[i]);
+          }
         }
       }
     }
@@ -228,7 +267,7 @@ inline void micro_kernel(const float* a, int64_t lda, const float* tile, int64_t
   }
 }
 
-template <int BITS>
+template <int BITS, int CH>
 void gemm_tiles(const GemmProblem& p, int64_t n0, int64_t n1) {
   const PreparedWeight& w = *p.w;
   const int64_t Kp = w.shape.padded_K(), K = w.shape.K, N = w.shape.N;
@@ -240,7 +279,7 @@ void gemm_tiles(const GemmProblem& p, int64_t n0, int64_t n1) {
   float* tile = storage.data();
   float out[kTileN];
   for (int64_t t0 = n0; t0 < n1; t0 += kTileN) {
-    decode_tile<BITS>(w, t0, tile);
+    decode_tile<BITS, CH>(w, t0, tile);
     const int64_t cols = std::min<int64_t>(kTileN, N - t0);
     auto store = [&](int64_t m, const float32x4_t* acc) {
       for (int v = 0; v < 4; ++v) vst1q_f32(out + 4 * v, acc[v]);
@@ -260,12 +299,6 @@ void gemm_tiles(const GemmProblem& p, int64_t n0, int64_t n1) {
   }
 }
 
-template <int BITS>
-void run(const GemmProblem& p, int64_t n0, int64_t n1) {
-  if (p.M == 1) gemv<BITS>(p, n0, n1);
-  else gemm_tiles<BITS>(p, n0, n1);
-}
-
 // ---- int8 path (accuracy_level 4, FORMAT.md §2.1) ------------------------------------------------------
 // The activations come quantized (q int8 in [-127, 127], one scale s and Σq per row and block). A group's
 // 32 int8 levels L (vqtbl1q_s8, as above) meet q through vmull_s8/vmlal_s8 (two products per int16 lane:
@@ -280,7 +313,7 @@ inline int32x4_t dot16(int32x4_t acc, int8x16_t l, int8x16_t q) {
 }
 
 // Rows [m0, m0+R) against columns [n0, n1); each group of levels is decoded once for all R rows.
-template <int BITS, int R>
+template <int BITS, int CH, int R>
 void gemv_int8(const GemmProblem& p, int64_t m0, int64_t n0, int64_t n1) {
   const PreparedWeight& w = *p.w;
   const int64_t nb = w.shape.blocks_per_column(), bs = w.shape.block_size, bb = w.shape.block_bytes();
@@ -303,13 +336,16 @@ void gemv_int8(const GemmProblem& p, int64_t m0, int64_t n0, int64_t n1) {
       const int8x16_t lut = block_lut(w, blk);
       int32x4_t d0[R], d1[R];
       for (int r = 0; r < R; ++r) d0[r] = d1[r] = vdupq_n_s32(0);
-      for (int64_t g = 0; g < bs; g += 32) {
-        int8x16_t lo, hi;
-        group_levels<BITS>(codes + g * BITS / 8, lut, lo, hi);
-        for (int r = 0; r < R; ++r) {
-          const int8_t* qg = q + r * Kp + b * bs + g;
-          d0[r] = dot16(d0[r], lo, vld1q_s8(qg));
-          d1[r] = dot16(d1[r], hi, vld1q_s8(qg + 16));
+      for (int64_t k0 = 0; k0 < bs; k0 += CH) {
+        uint8x16_t cv[CH / 16];
+        chunk_codes<BITS, CH>(codes + k0 * BITS / 8, cv);
+        for (int v = 0; v < CH / 32; ++v) {
+          const int8x16_t lo = code_levels<BITS>(cv[2 * v], lut), hi = code_levels<BITS>(cv[2 * v + 1], lut);
+          for (int r = 0; r < R; ++r) {
+            const int8_t* qg = q + r * Kp + b * bs + k0 + 32 * v;
+            d0[r] = dot16(d0[r], lo, vld1q_s8(qg));
+            d1[r] = dot16(d1[r], hi, vld1q_s8(qg + 16));
+          }
         }
       }
       const float d = w.scale[blk], d_o = d * w.offset[blk];
@@ -325,34 +361,46 @@ void gemv_int8(const GemmProblem& p, int64_t m0, int64_t n0, int64_t n1) {
 
 // Any M: four rows at a time share each decoded group (a tile path like the float one would decode each
 // weight once per call instead of once per four rows; on ARM this path has not been tuned yet).
-template <int BITS>
+template <int BITS, int CH>
 void run_int8(const GemmProblem& p, int64_t n0, int64_t n1) {
   int64_t m = 0;
-  for (; m + 4 <= p.M; m += 4) gemv_int8<BITS, 4>(p, m, n0, n1);
+  for (; m + 4 <= p.M; m += 4) gemv_int8<BITS, CH, 4>(p, m, n0, n1);
   switch (p.M - m) {
-    case 3: gemv_int8<BITS, 3>(p, m, n0, n1); break;
-    case 2: gemv_int8<BITS, 2>(p, m, n0, n1); break;
-    case 1: gemv_int8<BITS, 1>(p, m, n0, n1); break;
+    case 3: gemv_int8<BITS, CH, 3>(p, m, n0, n1); break;
+    case 2: gemv_int8<BITS, CH, 2>(p, m, n0, n1); break;
+    case 1: gemv_int8<BITS, CH, 1>(p, m, n0, n1); break;
     default: break;
+  }
+}
+
+template <int BITS, int CH>
+void run(const GemmProblem& p, int64_t n0, int64_t n1) {
+  if (p.a_q) run_int8<BITS, CH>(p, n0, n1);
+  else if (p.M == 1) gemv<BITS, CH>(p, n0, n1);
+  else gemm_tiles<BITS, CH>(p, n0, n1);
+}
+
+template <int BITS>
+void run_bits(const GemmProblem& p, int64_t n0, int64_t n1) {
+  if constexpr (BITS != 3) {
+    run<BITS, kGroup>(p, n0, n1);
+  } else {
+    switch (chunk_of<BITS>(p.w->shape.block_size)) {
+      case 32: return run<BITS, 32>(p, n0, n1);
+      case 64: return run<BITS, 64>(p, n0, n1);
+      default: return run<BITS, 128>(p, n0, n1);
+    }
   }
 }
 
 }  // namespace
 
 void gemm_columns_neon(const GemmProblem& p, int64_t n0, int64_t n1) {
-  if (p.a_q) {
-    switch (p.w->shape.bits) {
-      case 2: return run_int8<2>(p, n0, n1);
-      case 3: return run_int8<3>(p, n0, n1);
-      case 4: return run_int8<4>(p, n0, n1);
-      default: return run_int8<8>(p, n0, n1);
-    }
-  }
   switch (p.w->shape.bits) {
-    case 2: return run<2>(p, n0, n1);
-    case 3: return run<3>(p, n0, n1);
-    case 4: return run<4>(p, n0, n1);
-    default: return run<8>(p, n0, n1);
+    case 2: return run_bits<2>(p, n0, n1);
+    case 3: return run_bits<3>(p, n0, n1);
+    case 4: return run_bits<4>(p, n0, n1);
+    default: return run_bits<8>(p, n0, n1);
   }
 }
 

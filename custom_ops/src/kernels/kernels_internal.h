@@ -9,6 +9,12 @@
 
 namespace rbe {
 
+// Codes per chunk, the unit the SIMD kernels read a block in (FORMAT.md §4): a 32-code group, or for 3-bit
+// codes min(block_size, 128), whose two bit planes are each loaded once. The kernels take it as a template
+// parameter so that a chunk's shifts are immediates.
+template <int BITS>
+constexpr int chunk_of(int64_t block_size) { return BITS == 3 ? chunk_3bit(block_size) : kGroup; }
+
 struct GemmProblem {
   const PreparedWeight* w;
   const float* a_pad;   // float path: M x padded_K

@@ -75,7 +75,8 @@ const void* raw_data(const OrtApi& api, const OrtValue* value) {
   return p;
 }
 
-PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index, size_t center_index) {
+PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index, size_t center_index,
+                           size_t seeds_index) {
   WeightShape shape;
   shape.K = int_attr(api, info, "K");
   shape.N = int_attr(api, info, "N");
@@ -85,17 +86,31 @@ PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t 
   if (st) { api.ReleaseStatus(st); throw FormatError("missing or non-float attribute 'scale0'"); }
   validate_shape(shape);  // before anything is sized from these numbers
 
+  // The seeds come from the attribute, or (a table two nodes share, FORMAT.md §2.2) from a constant input.
   OrtAllocator* alloc = nullptr;
   check(api, api.GetAllocatorWithDefaultOptions(&alloc));
-  OrtValue* seeds_value = nullptr;
-  st = api.KernelInfoGetAttribute_tensor(info, "seeds", alloc, &seeds_value);
-  if (st) { api.ReleaseStatus(st); throw FormatError("missing attribute 'seeds' (an INT64 tensor)"); }
-  std::unique_ptr<OrtValue, decltype(api.ReleaseValue)> seeds_owner(seeds_value, api.ReleaseValue);
+  OrtValue* attr_value = nullptr;
+  st = api.KernelInfoGetAttribute_tensor(info, "seeds", alloc, &attr_value);
+  if (st) { api.ReleaseStatus(st); attr_value = nullptr; }
+  std::unique_ptr<OrtValue, decltype(api.ReleaseValue)> attr_owner(attr_value, api.ReleaseValue);
+  const bool seeds_input = !input_name(api, info, seeds_index).empty();
+  if (attr_value && seeds_input)
+    throw FormatError("seeds given twice: as attribute 'seeds' and as input 'seeds' (give one)");
+  const OrtValue* seeds_value = attr_value;
+  const char* seeds_what = "attribute 'seeds'";
+  if (seeds_input) {
+    int is_const = 0;
+    check(api, api.KernelInfoGetConstantInput_tensor(info, seeds_index, &is_const, &seeds_value));
+    if (!is_const || seeds_value == nullptr) throw FormatError("input 'seeds' must be a constant initializer");
+    seeds_what = "input 'seeds'";
+  }
+  if (seeds_value == nullptr)
+    throw FormatError("missing attribute 'seeds' (an INT64 tensor; or a constant 'seeds' input)");
   const TensorView seeds = describe(api, seeds_value);
   if (seeds.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64)
-    throw FormatError("attribute 'seeds' must be an INT64 tensor");
+    throw FormatError(std::string(seeds_what) + " must be an INT64 tensor");
   if (seeds.shape.size() != 2 || seeds.shape[0] != shape.N)
-    throw FormatError("attribute 'seeds' must have shape [N, ceil(K / block_size)]");
+    throw FormatError(std::string(seeds_what) + " must have shape [N, ceil(K / block_size)]");
 
   size_t n_inputs = 0;
   check(api, api.KernelInfo_GetInputCount(info, &n_inputs));

@@ -1,6 +1,6 @@
 // The table E [N, K] (N entries of K values) is stored as the RBE weight W = Eᵀ (K x N, FORMAT.md), so
 // entry t is column t of W: one contiguous run of nb blocks. A tied GPT-2 lm_head (Y = X·wteᵀ) reads the very
-// same codes initializer, so the table is stored once for both ops.
+// same codes and seeds initializers, so the table is stored once for both ops.
 #include "rbe_gather.h"
 
 #include <memory>
@@ -54,14 +54,14 @@ struct RbeGatherOp : OrtCustomOp {
   RbeGatherOp() : OrtCustomOp{} {
     init_op_defaults(*this);
     GetName = [](const OrtCustomOp*) { return "RBEGather"; };
-    // indices, codes, center (optional, FORMAT.md §5.1).
-    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 3; };
+    // indices, codes, center (optional, FORMAT.md §5.1), seeds (optional, §2.2).
+    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 4; };
     GetInputType = [](const OrtCustomOp*, size_t i) {
-      return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64
-                    : i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
+                    : i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
     };
     GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
-      return i == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+      return i >= 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
     };
     CreateKernelV2 = [](const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
                         void** out) -> OrtStatus* {
@@ -71,7 +71,7 @@ struct RbeGatherOp : OrtCustomOp {
         auto kernel = std::make_unique<GatherKernel>();
         kernel->api = api;
         kernel->name = name;
-        kernel->weight = read_weight(*api, info, 1, 2);
+        kernel->weight = read_weight(*api, info, 1, 2, 3);
         *out = kernel.release();
       });
     };
