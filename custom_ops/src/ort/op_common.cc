@@ -48,6 +48,17 @@ int64_t int_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name)
   }
   return v;
 }
+
+// Node input `index` as a constant initializer, or a FormatError naming it: the weight inputs are read once,
+// at kernel creation, so they cannot change between runs.
+const OrtValue* constant_input(const OrtApi& api, const OrtKernelInfo* info, size_t index, const std::string& what,
+                               const char* why = "") {
+  int is_constant = 0;
+  const OrtValue* value = nullptr;
+  check(api, api.KernelInfoGetConstantInput_tensor(info, index, &is_constant, &value));
+  if (!is_constant || value == nullptr) throw FormatError(what + " must be a constant initializer" + why);
+  return value;
+}
 }  // namespace
 
 int64_t TensorView::size() const {
@@ -99,10 +110,8 @@ PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t 
   const OrtValue* seeds_value = attr_value;
   const char* seeds_what = "attribute 'seeds'";
   if (seeds_input) {
-    int is_const = 0;
-    check(api, api.KernelInfoGetConstantInput_tensor(info, seeds_index, &is_const, &seeds_value));
-    if (!is_const || seeds_value == nullptr) throw FormatError("input 'seeds' must be a constant initializer");
     seeds_what = "input 'seeds'";
+    seeds_value = constant_input(api, info, seeds_index, seeds_what);
   }
   if (seeds_value == nullptr)
     throw FormatError("missing attribute 'seeds' (an INT64 tensor; or a constant 'seeds' input)");
@@ -115,11 +124,8 @@ PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t 
   size_t n_inputs = 0;
   check(api, api.KernelInfo_GetInputCount(info, &n_inputs));
   if (n_inputs <= codes_index) throw FormatError("input 'codes' missing");
-  int is_constant = 0;
-  const OrtValue* codes_value = nullptr;
-  check(api, api.KernelInfoGetConstantInput_tensor(info, codes_index, &is_constant, &codes_value));
-  if (!is_constant || codes_value == nullptr)
-    throw FormatError("input 'codes' must be a constant initializer (it is read in place, never copied)");
+  const OrtValue* codes_value =
+      constant_input(api, info, codes_index, "input 'codes'", " (it is read in place, never copied)");
   const TensorView codes = describe(api, codes_value);
   if (codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || codes.shape.size() != 1)
     throw FormatError("input 'codes' must be a 1-D uint8 tensor");
@@ -128,11 +134,7 @@ PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t 
   const float* center = nullptr;
   int64_t n_center = 0;
   if (!input_name(api, info, center_index).empty()) {
-    const OrtValue* center_value = nullptr;
-    is_constant = 0;
-    check(api, api.KernelInfoGetConstantInput_tensor(info, center_index, &is_constant, &center_value));
-    if (!is_constant || center_value == nullptr)
-      throw FormatError("input 'center' must be a constant initializer");
+    const OrtValue* center_value = constant_input(api, info, center_index, "input 'center'");
     const TensorView c = describe(api, center_value);
     if (c.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || c.shape.size() != 1 || c.shape[0] != shape.K) {
       std::ostringstream m;
