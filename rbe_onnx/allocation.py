@@ -41,12 +41,27 @@ def stored_bytes(K: int, N: int, bits: int, block_size: int, center: bool) -> in
     return N * nb * (block_size * bits // 8 + 8) + 4 + (4 * K if center else 0)
 
 
-def _residual(W: np.ndarray, block_size: int, use_center: bool, cols: np.ndarray | None = None) -> np.ndarray:
+class CenterFits:
+    """fit_center of one weight per block size, each computed once: the probe, the error ratios and the
+    center decision all ask for the PROBE block size (seconds per call on a 768 x 50257 table)."""
+
+    def __init__(self, W: np.ndarray):
+        self.W = W
+        self._fits: dict[int, tuple] = {}
+
+    def __call__(self, block_size: int) -> tuple:
+        if block_size not in self._fits:
+            self._fits[block_size] = fit_center(self.W, block_size)
+        return self._fits[block_size]
+
+
+def _residual(W: np.ndarray, block_size: int, use_center: bool, cols: np.ndarray | None = None,
+              fits: CenterFits | None = None) -> np.ndarray:
     """W (or its columns `cols`) less the center term the encoder would fit for this block size."""
     sub = W if cols is None else W[:, cols]
     if not use_center:
         return sub
-    c, alpha, _ = fit_center(W, block_size)
+    c, alpha, _ = (fits or CenterFits(W))(block_size)
     return sub - center_term(c, alpha if cols is None else alpha[cols], W.shape[0], block_size)
 
 
@@ -70,7 +85,7 @@ def probe_noise(W: np.ndarray, bits: int, block_size: int, rng: np.random.Genera
 
 
 def error_ratios(W: np.ndarray, H: np.ndarray | None, noise: np.ndarray, use_center: bool,
-                 rng: np.random.Generator) -> dict[tuple[int, int], float]:
+                 rng: np.random.Generator, fits: CenterFits | None = None) -> dict[tuple[int, int], float]:
     """Coding error of each LADDER setting over the probe noise's, in the same measure, on sampled columns."""
     K, N = W.shape
     cols = np.sort(rng.choice(N, size=min(N, max(16, SAMPLE_WEIGHTS // K)), replace=False))
@@ -78,14 +93,14 @@ def error_ratios(W: np.ndarray, H: np.ndarray | None, noise: np.ndarray, use_cen
     out, residuals = {}, {}
     for bits, bs in LADDER:
         if bs not in residuals:
-            residuals[bs] = _residual(W, bs, use_center, cols)
+            residuals[bs] = _residual(W, bs, use_center, cols, fits)
         R = residuals[bs]
         out[(bits, bs)] = _error_energy(decode(encode(R, bits=bits, block_size=bs)) - R, H) / max(base, 1e-300)
     return out
 
 
-def uses_center(W: np.ndarray, block_size: int) -> bool:
-    return fit_center(W, block_size)[2] >= MIN_ENERGY_REMOVED
+def uses_center(W: np.ndarray, block_size: int, fits: CenterFits | None = None) -> bool:
+    return (fits or CenterFits(W))(block_size)[2] >= MIN_ENERGY_REMOVED
 
 
 def allocate(options: dict[object, Choice], budget_bytes: float) -> None:
@@ -192,12 +207,13 @@ def plan_settings(model: onnx.ModelProto, groups: list[list], hessians: list[np.
         W = weight_matrix(model, group[0])
         K, N = W.shape
         weights += K * N
-        use_c = center and uses_center(W, PROBE[1])
-        noise = probe_noise(_residual(W, PROBE[1], use_c), *PROBE, rng)
+        fits = CenterFits(W)
+        use_c = center and uses_center(W, PROBE[1], fits)
+        noise = probe_noise(_residual(W, PROBE[1], use_c, fits=fits), *PROBE, rng)
         noisy = W + noise
         probe = distortion({c.weight_name: np.ascontiguousarray(noisy.T if c.transpose else noisy)
                             for c in group})
-        ratios = error_ratios(W, H, noise, use_c, rng)
+        ratios = error_ratios(W, H, noise, use_c, rng, fits)
         choices[i] = Choice(bits=PROBE[0], block_size=PROBE[1], use_center=use_c, probe_distortion=probe,
                             options=[(b, bs, stored_bytes(K, N, b, bs, use_c), probe * ratios[(b, bs)])
                                      for b, bs in LADDER])

@@ -102,7 +102,7 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
     center: let weights that share a strong common direction carry a center vector (FORMAT.md §5.1).
     accuracy_level: the RBEFusedGemm attribute (FORMAT.md §2.1); 4 = int8 activations, the fast path.
     distill_steps: after encoding, fine-tune scales, center coefficients and LayerNorms against the fp32 model
-    for this many steps (rbe_onnx.distill; GPT-2, needs `calibration_dir`)."""
+    for this many steps (rbe_onnx.distill; GPT-2 or BERT, needs `calibration_dir`)."""
     if accuracy_level not in range(5):
         raise ValueError(f"accuracy_level must be 0 to 4, got {accuracy_level}")
     candidates = find_candidates(model, exclude, embeddings=embeddings)

@@ -1,30 +1,37 @@
 """`--distill N`: after encoding, fine-tune what stays continuous against the fp32 model (design ch. 8.4).
 
 The codes are fixed; what moves is each block's scale (the seed's rho, through log d), each block's center
-coefficient (the seed's alpha, where the weight has a center), and the LayerNorm gains and biases. The loss is
-KL(fp32 || compressed) of the next-token distributions on WikiText-2 valid windows (the calibration split), with
-the fp32 model as teacher. The results are written back in the format's own precision: rho rounded to its
-0.2 % steps, alpha to binary16.
+coefficient (the seed's alpha, where the weight has a center), and the LayerNorm gains and biases. The fp32 model
+is the teacher, on WikiText-2 valid (the calibration split):
+- GPT-2: KL(fp32 || compressed) of the next-token distributions over windows of running text;
+- BERT: the squared error of the last hidden states over the real tokens of paragraphs, relative to their
+  energy (the sentence embedding that users pool is made of these states).
+The results are written back in the format's own precision: rho rounded to its 0.2 % steps, alpha to binary16.
 
-GPT-2 exports only (the torch model is rebuilt from the export's config.json and the ONNX initializers).
+The torch model is rebuilt from the export's config.json and the ONNX initializers: GPT-2 as HF's
+GPT2LMHeadModel, BERT as the export's own graph module (rbe_onnx.export.bert.BertEncoderGraph).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .codec.decode import level_tables
+from .codec.decode import decode, level_tables
 from .codec.packing import unpack_codes
 from .codec.seed import RHO_PER_LOG_SCALE, alpha_bits, scales_from_rho, unpack_seeds
 from .codec.weight import RBEWeight
 
-LEARNING_RATE = 2e-3
-BATCH_WINDOWS = 4
+LEARNING_RATE = 2e-3   # GPT-2; BERT's hidden-state error climbed at this rate
+BERT_LEARNING_RATE = 5e-4  # MiniLM 4b/128, 48 steps, cosine on valid paragraphs: 2e-3 0.9858, 5e-4 0.9887, 1e-4 0.9886
+BATCH_WINDOWS = 4      # GPT-2: windows of 256 tokens per step
+BATCH_PARAGRAPHS = 8   # BERT: paragraphs of at most 128 tokens per step
+FAMILIES = ("gpt2", "bert")
 
 
 def _parts(w: RBEWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -47,13 +54,79 @@ def _write_back(w: RBEWeight, log_d: np.ndarray, alpha: np.ndarray) -> RBEWeight
     return dataclasses.replace(w, seeds=u.view(np.int64))
 
 
-def check_supported(model_dir: Path) -> None:
-    """Raises before any encoding work if `model_dir` is not a GPT-2 export."""
+def check_supported(model_dir: Path) -> str:
+    """The export's model family; raises before any encoding work if distillation cannot handle it."""
     path = Path(model_dir) / "rbe_export.json"
     kind = json.loads(path.read_text()).get("model_type") if path.is_file() else None
-    if kind != "gpt2":
-        raise ValueError(f"--distill supports GPT-2 exports (it needs the language-model logits as its target); "
-                         f"{model_dir} holds {kind or 'no rbe-onnx export'}")
+    if kind not in FAMILIES:
+        raise ValueError(f"--distill supports GPT-2 and BERT exports (it needs the fp32 model's outputs as its "
+                         f"target); {model_dir} holds {kind or 'no rbe-onnx export'}")
+    return kind
+
+
+@dataclasses.dataclass
+class _Family:
+    """What distillation needs to know of a model family: the teacher module, the prefix its parameter names
+    carry over the ONNX initializer names, which parameters are LayerNorms, the training batches, and the loss
+    of a student's output against the teacher's on a batch."""
+
+    teacher: "torch.nn.Module"
+    prefix: str
+    is_layernorm: Callable[[str], bool]
+    batches: list
+    run: Callable  # (module, params or None, batch) -> output
+    loss: Callable  # (student output, teacher output, batch) -> scalar tensor
+    tunes: Callable[[str], bool] = lambda name: True  # whether an encoded weight's scales are trained
+    learning_rate: float = LEARNING_RATE
+
+
+def _gpt2(model_dir: Path, steps: int) -> _Family:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .calibration import calibration_batches
+
+    teacher = GPT2LMHeadModel(GPT2Config.from_pretrained(model_dir, local_files_only=True)).eval()
+    batches = [torch.from_numpy(f["input_ids"]) for f, _ in
+               calibration_batches(model_dir, tokens=steps * BATCH_WINDOWS * 256, batch=BATCH_WINDOWS)]
+
+    def run(module, params, ids):
+        out = module(ids) if params is None else torch.func.functional_call(module, params, (ids,))
+        return torch.log_softmax(out.logits.float(), -1)
+
+    def loss(student, teacher_out, ids):
+        return torch.nn.functional.kl_div(student, teacher_out, log_target=True, reduction="batchmean") / ids.shape[1]
+
+    return _Family(teacher, "transformer.", lambda k: ".ln_" in k or "ln_f" in k, batches, run, loss)
+
+
+def _bert(model_dir: Path, steps: int) -> _Family:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from .calibration import calibration_batches
+    from .export.bert import BertEncoderGraph
+
+    teacher = BertEncoderGraph(BertModel(BertConfig.from_pretrained(model_dir, local_files_only=True))).eval()
+    batches = [(torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"]),
+                torch.from_numpy(f["token_type_ids"]), torch.from_numpy(real))
+               for f, real in calibration_batches(model_dir, tokens=steps * BATCH_PARAGRAPHS * 100,
+                                                  batch=BATCH_PARAGRAPHS)]
+
+    def run(module, params, batch):
+        inputs = batch[:3]
+        return module(*inputs) if params is None else torch.func.functional_call(module, params, inputs)
+
+    def loss(student, teacher_out, batch):
+        real = batch[3]
+        return ((student - teacher_out)[real] ** 2).sum() / (teacher_out[real] ** 2).sum()
+
+    # The token tables stay as encoded: a paragraph reaches only its own rows, so a row's scales would be fitted
+    # to the few contexts it appears in (or never moved), unlike GPT-2's table, which the tied logits train
+    # densely.
+    return _Family(teacher, "", lambda k: "_ln." in k, batches, run, loss,
+                   tunes=lambda name: not name.startswith(("word.", "position.", "token_type.")),
+                   learning_rate=BERT_LEARNING_RATE)
 
 
 def distill(model: onnx.ModelProto, model_dir: Path, weights: dict[str, tuple[RBEWeight, bool]], steps: int,
@@ -65,35 +138,37 @@ def distill(model: onnx.ModelProto, model_dir: Path, weights: dict[str, tuple[RB
     """
     import torch
     from tqdm import tqdm
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    from .calibration import calibration_batches
-
-    check_supported(model_dir)
-    config = GPT2Config.from_pretrained(model_dir, local_files_only=True)
-    teacher = GPT2LMHeadModel(config).eval()
+    kind = check_supported(model_dir)
+    fam = (_gpt2 if kind == "gpt2" else _bert)(Path(model_dir), steps)
+    teacher = fam.teacher
     init = {t.name: t for t in model.graph.initializer}
     state = teacher.state_dict()
     loaded = set()
     for key in state:
-        name = key.removeprefix("transformer.")
+        name = key.removeprefix(fam.prefix)
         if name in init:
             state[key] = torch.from_numpy(numpy_helper.to_array(init[name]).copy())
             loaded.add(key)
     missing = [k for k in state if k not in loaded and not k.endswith(".attn.bias") and k != "lm_head.weight"]
     if missing:
-        raise ValueError(f"--distill cannot map the ONNX initializers onto GPT-2 parameters (missing: {missing[:5]})")
+        raise ValueError(f"--distill cannot map the ONNX initializers onto the {kind} model's parameters "
+                         f"(missing: {missing[:5]})")
     teacher.load_state_dict(state)
     for p in teacher.parameters():
         p.requires_grad_(False)
 
     # The student: the teacher's modules with the encoded weights computed from trainable scales and alphas.
     params = dict(teacher.named_parameters())
-    trainable, rebuild = [], {}
+    trainable, rebuild, fixed = [], {}, {}
     for name, (w, transposed) in weights.items():
-        key = "transformer." + name
+        key = fam.prefix + name
         if key not in params:
             continue  # the lm_head's own copy of the tied table: torch ties it to wte already
+        if not fam.tunes(name):  # the student still sees it as encoded
+            W = decode(w)
+            fixed[key] = torch.from_numpy(np.ascontiguousarray(W.T if transposed else W))
+            continue
         log_d, vals, alpha = _parts(w)
         t_log_d = torch.tensor(log_d, requires_grad=True)
         t_alpha = torch.tensor(alpha, requires_grad=w.center is not None)
@@ -103,38 +178,33 @@ def distill(model: onnx.ModelProto, model_dir: Path, weights: dict[str, tuple[RB
             center[: w.K] = torch.from_numpy(w.center)
         rebuild[key] = (w, transposed, t_log_d, torch.from_numpy(vals), t_alpha,
                         center.reshape(w.blocks_per_column, w.block_size))
-    ln = {k: p.detach().clone().requires_grad_(True) for k, p in params.items() if ".ln_" in k or "ln_f" in k}
+    ln = {k: p.detach().clone().requires_grad_(True) for k, p in params.items() if fam.is_layernorm(k)}
     trainable += list(ln.values())
 
     def student_params() -> dict:
-        out = dict(ln)
+        out = {**fixed, **ln}
         for key, (w, transposed, log_d, vals, alpha, center) in rebuild.items():
             cols = torch.exp(log_d)[..., None] * vals + alpha[..., None] * center   # [N, nb, bs]
             W = cols.reshape(w.N, -1)[:, : w.K].T                                     # K x N
             out[key] = (W.T if transposed else W).float()
         return out
 
-    batches = [f["input_ids"] for f, _ in calibration_batches(model_dir, tokens=steps * BATCH_WINDOWS * 256,
-                                                              batch=BATCH_WINDOWS)]
-    opt = torch.optim.Adam(trainable, lr=LEARNING_RATE)
-    func = torch.func.functional_call
+    opt = torch.optim.Adam(trainable, lr=fam.learning_rate)
     bar = tqdm(range(steps), desc="distilling", unit="step", disable=not progress)
     for step in bar:
-        ids = torch.from_numpy(batches[step % len(batches)])
+        batch = fam.batches[step % len(fam.batches)]
         with torch.no_grad():
-            target = torch.log_softmax(teacher(ids).logits.float(), -1)
-        logits = func(teacher, student_params(), (ids,)).logits
-        loss = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1), target, log_target=True,
-                                          reduction="batchmean") / ids.shape[1]
+            target = fam.run(teacher, None, batch)
+        loss = fam.loss(fam.run(teacher, student_params(), batch), target, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        bar.set_postfix(kl=f"{loss.item():.5f}")
+        bar.set_postfix(loss=f"{loss.item():.5f}")
     out = {}
     for key, (w, _, log_d, _, alpha, _) in rebuild.items():
-        out[key.removeprefix("transformer.")] = _write_back(w, log_d.detach().numpy(), alpha.detach().numpy())
+        out[key.removeprefix(fam.prefix)] = _write_back(w, log_d.detach().numpy(), alpha.detach().numpy())
     for key, p in ln.items():
-        name = key.removeprefix("transformer.")
+        name = key.removeprefix(fam.prefix)
         if name in init:
             init[name].CopyFrom(numpy_helper.from_array(p.detach().numpy().astype(np.float32), name))
     return out

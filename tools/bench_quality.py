@@ -27,7 +27,9 @@ RBE_SETTINGS = [  # (label, bits, block, calibrate, target bits/weight, distilla
     ("RBE --target-bpw 4.5", 0, 0, True, 4.5, 0),
     ("RBE --target-bpw 3.3", 0, 0, True, 3.3, 0),
 ]
-GPT2_ONLY = [("RBE --target-bpw 3.3 --distill 100", 0, 0, True, 3.3, 100)]  # distillation needs logits
+GPT2_DISTILLED = [("RBE --target-bpw 3.3 --distill 800", 0, 0, True, 3.3, 800)]
+MINILM_DISTILLED = [("RBE --target-bpw 4.5 --distill 200", 0, 0, True, 4.5, 200),
+                    ("RBE --target-bpw 3.3 --distill 200", 0, 0, True, 3.3, 200)]
 
 
 def rbe(src: Path, out: Path, bits: int, block: int, calibrate: bool, target: float | None, distill: int) -> float:
@@ -67,7 +69,7 @@ def gpt2_rows(work: Path, windows_n: int) -> list[dict]:
     for block in (32, 128):
         out = work / f"gpt2-nbits{block}" / "model.onnx"
         variants.append((f"ORT MatMulNBits RTN 4b/{block}", matmulnbits_model(fp32, out, block), out))
-    for label, *setting in RBE_SETTINGS + GPT2_ONLY:
+    for label, *setting in RBE_SETTINGS + GPT2_DISTILLED:
         out = work / variant_dir("gpt2", *setting) / "model.onnx"
         variants.append((label, rbe(fp32, out, *setting), out))
     rows = []
@@ -95,7 +97,7 @@ def minilm_rows(work: Path, sentences: int) -> list[dict]:
     for block in (32, 128):
         out = work / f"minilm-nbits{block}" / "model.onnx"
         variants.append((f"ORT MatMulNBits RTN 4b/{block}", matmulnbits_model(fp32, out, block), out))
-    for label, *setting in [("RBE 8b/64 calibrated", 8, 64, True, None, 0), *RBE_SETTINGS]:
+    for label, *setting in [("RBE 8b/64 calibrated", 8, 64, True, None, 0), *RBE_SETTINGS, *MINILM_DISTILLED]:
         out = work / variant_dir("minilm", *setting) / "model.onnx"
         variants.append((label, rbe(fp32, out, *setting), out))
     rows = []
@@ -129,13 +131,15 @@ def plot(gpt2: list[dict], path: Path) -> None:
 
 def write_section(gpt2: list[dict], minilm: list[dict], command: str) -> None:
     fp32 = gpt2[0]["ppl"]
+    anchor_kl = next(r["kl"] for r in gpt2 if r["model"] == "ORT MatMulNBits RTN 4b/32")
     lines = [BEGIN, "## Quality", "", f"Command: `{command}`", "",
              f"ref-gpt2 on WikiText-2 test ({gpt2[0]['positions']} scored tokens, windows of 256, protocol in "
              "`rbe_onnx/evaluate.py`); calibration reads WikiText-2 valid only.", "",
-             "| model | bits/weight | files MB | PPL | PPL / fp32 | KL vs fp32 | top-1 vs fp32 |", "|---|---|---|---|---|---|---|"]
+             "| model | bits/weight | files MB | PPL | PPL / fp32 | KL vs fp32 | KL / MatMulNBits 4b/32 | top-1 vs fp32 |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in gpt2:
         lines.append(f"| {r['model']} | {r['bpw']:.2f} | {r['MB']:.1f} | {r['ppl']:.2f} | {r['ppl'] / fp32:.4f} | "
-                     f"{r.get('kl', 0.0):.5f} | {r.get('top1', 1.0):.4f} |")
+                     f"{r.get('kl', 0.0):.5f} | {r.get('kl', 0.0) / anchor_kl:.3f} | {r.get('top1', 1.0):.4f} |")
     lines += ["", f"MiniLM (all-MiniLM-L6-v2) mean-pooled embeddings vs fp32, {minilm[0]['sentences']} WikiText-2 "
               "test paragraphs:", "", "| model | bits/weight | files MB | mean cosine | min cosine |",
               "|---|---|---|---|---|"]
