@@ -303,7 +303,8 @@ void gemm_tiles(const GemmProblem& p, int64_t n0, int64_t n1) {
 // The activations come quantized (q int8 in [-127, 127], one scale s and Σq per row and block). A group's
 // 32 int8 levels L (vqtbl1q_s8, as above) meet q through vmull_s8/vmlal_s8 (two products per int16 lane:
 // |L·q| <= 128·127, a pair fits int16) and vpadalq_s16 into int32: the block's Σ L·q exactly, as the
-// scalar reference computes it. Per block: Y += d·s·Σ L·q + d·o·(s·Σq).
+// scalar reference computes it, started at o·Σq so that it ends at §2.1's bracket Σ L·q + o·Σq (the offset
+// costs one scalar multiply per block). Per block: Y += d·s·(Σ L·q + o·Σq).
 
 // acc += Σ over 16 lanes of l·q, pairwise into four int32 lanes.
 inline int32x4_t dot16(int32x4_t acc, int8x16_t l, int8x16_t q) {
@@ -320,7 +321,7 @@ void gemv_int8(const GemmProblem& p, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t Kp = w.shape.padded_K(), N = w.shape.N;
   const int8_t* q = p.a_q + m0 * Kp;
   const float* sa = p.a_scale + m0 * nb;
-  const float* soff = p.a_qsum_scaled + m0 * nb;
+  const int32_t* qsum = p.a_qsum + m0 * nb;
   const int64_t column_bytes = nb * bb;
   for (int64_t n = n0; n < n1; ++n) {
     if (n + 2 < n1) {
@@ -328,14 +329,17 @@ void gemv_int8(const GemmProblem& p, int64_t m0, int64_t n0, int64_t n1) {
       for (int64_t off = 0; off < column_bytes; off += 64) __builtin_prefetch(ahead + off, 0, 3);
     }
     float32x4_t acc[R];
-    float offset_acc[R];
-    for (int r = 0; r < R; ++r) { acc[r] = vdupq_n_f32(0.f); offset_acc[r] = 0.f; }
+    for (int r = 0; r < R; ++r) acc[r] = vdupq_n_f32(0.f);
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t blk = n * nb + b;
       const uint8_t* codes = w.codes + blk * bb;
       const int8x16_t lut = block_lut(w, blk);
+      const int32_t o = static_cast<int32_t>(w.offset[blk]);
       int32x4_t d0[R], d1[R];
-      for (int r = 0; r < R; ++r) d0[r] = d1[r] = vdupq_n_s32(0);
+      for (int r = 0; r < R; ++r) {
+        d0[r] = vsetq_lane_s32(o * qsum[r * nb + b], vdupq_n_s32(0), 0);
+        d1[r] = vdupq_n_s32(0);
+      }
       for (int64_t k0 = 0; k0 < bs; k0 += CH) {
         uint8x16_t cv[CH / 16];
         chunk_codes<BITS, CH>(codes + k0 * BITS / 8, cv);
@@ -348,14 +352,11 @@ void gemv_int8(const GemmProblem& p, int64_t m0, int64_t n0, int64_t n1) {
           }
         }
       }
-      const float d = w.scale[blk], d_o = d * w.offset[blk];
-      for (int r = 0; r < R; ++r) {
+      const float d = w.scale[blk];
+      for (int r = 0; r < R; ++r)
         acc[r] = vfmaq_n_f32(acc[r], vcvtq_f32_s32(vaddq_s32(d0[r], d1[r])), d * sa[r * nb + b]);
-        offset_acc[r] += d_o * soff[r * nb + b];
-      }
     }
-    for (int r = 0; r < R; ++r)
-      p.Y[(m0 + r) * N + n] = vaddvq_f32(acc[r]) + offset_acc[r] + (p.bias ? p.bias[n] : 0.f);
+    for (int r = 0; r < R; ++r) p.Y[(m0 + r) * N + n] = vaddvq_f32(acc[r]) + (p.bias ? p.bias[n] : 0.f);
   }
 }
 
