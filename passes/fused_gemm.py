@@ -146,6 +146,9 @@ def replace_candidates(model: onnx.ModelProto, encoded: dict[tuple[str, bool], "
             if w.center is not None:
                 names["center"] = f"{stem}.rbe_center"
                 graph.initializer.append(numpy_helper.from_array(w.center, names["center"]))
+            if w.outliers is not None:
+                names["outliers"] = f"{stem}.rbe_outliers"
+                graph.initializer.append(numpy_helper.from_array(w.outliers, names["outliers"]))
             if users[id(w)] > 1:
                 # A tied table (wte / lm_head): one seeds initializer both nodes read (FORMAT.md §2.2), as an
                 # attribute on each node would store the seeds twice.
@@ -157,11 +160,11 @@ def replace_candidates(model: onnx.ModelProto, encoded: dict[tuple[str, bool], "
             attrs["seeds"] = numpy_helper.from_array(w.seeds, "seeds")
         # ONNX skips an absent optional input with an empty name; trailing absent ones are left off.
         if c.node.op_type == "Gather":
-            optional = [names.get("center", ""), names.get("seeds", "")]
+            optional = [names.get("center", ""), names.get("seeds", ""), names.get("outliers", "")]
             inputs = [c.node.input[1], names["codes"]]
             op_type = GATHER_OP_TYPE
         else:
-            optional = [c.bias, names.get("center", ""), names.get("seeds", "")]
+            optional = [c.bias, names.get("center", ""), names.get("seeds", ""), names.get("outliers", "")]
             inputs = [c.node.input[0], names["codes"]]
             op_type = OP_TYPE
         while optional and not optional[-1]:

@@ -58,7 +58,8 @@ def cmd_rewrite(args) -> int:
                       embeddings=not args.keep_embeddings, progress=not args.quiet,
                       calibrate=args.calibrate or args.target_bpw is not None or args.distill > 0,
                       calibration_tokens=args.calib_tokens, target_bpw=args.target_bpw, center=not args.no_center,
-                      accuracy_level=args.accuracy_level, distill_steps=args.distill)
+                      accuracy_level=args.accuracy_level, distill_steps=args.distill,
+                      outlier_fraction=args.outliers)
     print_report(rows, f"{args.model} -> {output}")
     return 0
 
@@ -154,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--accuracy-level", type=int, default=0, choices=range(5),
                    help="RBEFusedGemm arithmetic: 0 = float activations (exact, default), 4 = int8 activations per "
                         "block (faster; FORMAT.md §2.1), as MatMulNBits' attribute")
+    r.add_argument("--outliers", type=float, default=0.0, metavar="FRACTION",
+                   help="keep this fraction of each weight's values exactly, as binary16 (FORMAT.md §5.2; 24 bits "
+                        "each, so 0.005 costs 0.12 bits/weight): per block, those farthest from the block's bulk. "
+                        "For heavy-tailed weights such as BERT's FFN outputs (default 0)")
     r.add_argument("--no-center", action="store_true",
                    help="never give a weight a center vector (FORMAT.md §5.1), e.g. for readers of the older format")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from .codec import RBEWeight, decode, encode
 from .codec.center import center_term, fit_center, MIN_ENERGY_REMOVED, with_center
 from .codec.gptq import encode_gptq
+from .codec.outliers import BITS_PER_OUTLIER
 from .onnx_io import load_model, save_model
 from .passes import Candidate, find_candidates, replace_candidates, set_accuracy_level
 from .passes.fused_gemm import weight_matrix
@@ -23,6 +24,7 @@ from .passes.fused_gemm import weight_matrix
 REPORT_KEY = "rbe.report"
 GPTQ_DAMP = 0.01
 TIED_DAMP = 0.1  # measured on ref-gpt2 3-bit/256: 0.1 -> KL 0.0147, 1.0 -> 0.0158, 10 -> 0.0244
+MAX_OUTLIER_FRACTION = 0.1  # 2.4 bits/weight of outliers: past that, wider codes are cheaper
 SENSITIVITY_TOKENS = 512  # calibration tokens each --target-bpw sensitivity probe runs the model on
 
 
@@ -73,24 +75,29 @@ def _group_identical(model: onnx.ModelProto, eligible: list[Candidate]) -> list[
 
 
 def encode_weight(W: np.ndarray, bits: int, block_size: int, H: np.ndarray | None = None, damp: float = GPTQ_DAMP,
-                  center: bool = True) -> RBEWeight:
+                  center: bool = True, outlier_fraction: float = 0.0) -> RBEWeight:
     """One weight's encoding: with a center vector (FORMAT.md §5.1) where it removes enough of the weight's
-    energy and `center` allows it, error-feedback rounding where a Hessian is given, nearest level otherwise."""
+    energy and `center` allows it, error-feedback rounding where a Hessian is given, nearest level otherwise,
+    and about `outlier_fraction` of the weights kept exactly (§5.2)."""
     fitted = None
     if center:
         c, alpha, removed = fit_center(W, block_size)
         if removed >= MIN_ENERGY_REMOVED:
             fitted = (c, alpha)
             W = W - center_term(c, alpha, W.shape[0], block_size)
+    if outlier_fraction > 0 and H is None:
+        # No input statistics: an identity Hessian makes error feedback plain rounding, row by row.
+        H = np.eye(W.shape[0])
     w = encode(W, bits=bits, block_size=block_size) if H is None else \
-        encode_gptq(W, H, bits=bits, block_size=block_size, damp=damp)
+        encode_gptq(W, H, bits=bits, block_size=block_size, damp=damp, outlier_fraction=outlier_fraction)
     return with_center(w, *fitted) if fitted else w
 
 
 def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64, exclude: str | None = None,
                   embeddings: bool = True, progress: bool = True, calibration_dir: Path | None = None,
                   calibration_tokens: int = 8192, target_bpw: float | None = None,
-                  center: bool = True, accuracy_level: int = 0, distill_steps: int = 0) -> list[ReportRow]:
+                  center: bool = True, accuracy_level: int = 0, distill_steps: int = 0,
+                  outlier_fraction: float = 0.0) -> list[ReportRow]:
     """Rewrites `model` in place; returns one report row per MatMul/Gemm/Gather node.
 
     embeddings: also turn Gathers over constant tables (token/position embeddings) into RBEGather.
@@ -102,9 +109,13 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
     center: let weights that share a strong common direction carry a center vector (FORMAT.md §5.1).
     accuracy_level: the RBEFusedGemm attribute (FORMAT.md §2.1); 4 = int8 activations, the fast path.
     distill_steps: after encoding, fine-tune scales, center coefficients and LayerNorms against the fp32 model
-    for this many steps (rbe_onnx.distill; GPT-2 or BERT, needs `calibration_dir`)."""
+    for this many steps (rbe_onnx.distill; GPT-2 or BERT, needs `calibration_dir`).
+    outlier_fraction: keep about this fraction of every weight's values exactly (FORMAT.md §5.2, 24 bits
+    each); with `target_bpw` their bits come out of the budget."""
     if accuracy_level not in range(5):
         raise ValueError(f"accuracy_level must be 0 to 4, got {accuracy_level}")
+    if not 0.0 <= outlier_fraction <= MAX_OUTLIER_FRACTION:
+        raise ValueError(f"outlier fraction must be in [0, {MAX_OUTLIER_FRACTION}], got {outlier_fraction}")
     candidates = find_candidates(model, exclude, embeddings=embeddings)
     eligible = [c for c in candidates if c.eligible]
     if not [c for c in eligible if c.node.op_type != "Gather"]:
@@ -137,7 +148,11 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
         from .calibration import calibration_batches
 
         batches = calibration_batches(Path(calibration_dir), tokens=SENSITIVITY_TOKENS)
-        settings = plan_settings(model, groups, group_h, batches, target_bpw, center=center, progress=progress)
+        code_bpw = target_bpw - BITS_PER_OUTLIER * outlier_fraction
+        if code_bpw <= 0:
+            raise ValueError(f"--target-bpw {target_bpw} leaves nothing for the codes after outliers of "
+                             f"{BITS_PER_OUTLIER * outlier_fraction:.3g} bits/weight")
+        settings = plan_settings(model, groups, group_h, batches, code_bpw, center=center, progress=progress)
     encoded: dict[tuple[str, bool], RBEWeight] = {}
     errors: dict[tuple[str, bool], float] = {}
     for group, H, (g_bits, g_bs) in tqdm(list(zip(groups, group_h, settings)), desc="encoding", unit="weight",
@@ -146,7 +161,8 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
         # A table that is also gathered is read row by row, where every weight's own error shows: pull the
         # error feedback towards plain rounding with a strong identity term (dampening) for it.
         tied = any(c.node.op_type == "Gather" for c in group)
-        w = encode_weight(W, g_bits, g_bs, H, damp=TIED_DAMP if tied else GPTQ_DAMP, center=center)
+        w = encode_weight(W, g_bits, g_bs, H, damp=TIED_DAMP if tied else GPTQ_DAMP, center=center,
+                          outlier_fraction=outlier_fraction)
         err = float(np.linalg.norm(decode(w) - W) / max(np.linalg.norm(W), 1e-30))
         for c in group:
             encoded[c.key], errors[c.key] = w, err
@@ -193,7 +209,7 @@ def rewrite(model_or_path: onnx.ModelProto | str | os.PathLike, output_path: str
             bits: int = 4, block_size: int = 64, exclude: str | None = None, embeddings: bool = True,
             progress: bool = True, calibrate: bool = False, calibration_tokens: int = 8192,
             target_bpw: float | None = None, center: bool = True, accuracy_level: int = 0,
-            distill_steps: int = 0) -> tuple[onnx.ModelProto, list[ReportRow]]:
+            distill_steps: int = 0, outlier_fraction: float = 0.0) -> tuple[onnx.ModelProto, list[ReportRow]]:
     """Loads (if given a path), rewrites and (if output_path is given) saves with aligned external data.
 
     calibrate: error-feedback rounding from WikiText-2 valid activations; needs a path to a model exported
@@ -206,7 +222,8 @@ def rewrite(model_or_path: onnx.ModelProto | str | os.PathLike, output_path: str
                          progress=progress,
                          calibration_dir=Path(model_or_path).parent if calibrate else None,
                          calibration_tokens=calibration_tokens, target_bpw=target_bpw, center=center,
-                         accuracy_level=accuracy_level, distill_steps=distill_steps)
+                         accuracy_level=accuracy_level, distill_steps=distill_steps,
+                         outlier_fraction=outlier_fraction)
     if output_path is not None:
         save_model(model, output_path)
         if not isinstance(model_or_path, onnx.ModelProto):

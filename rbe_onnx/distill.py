@@ -23,6 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from .codec.decode import decode, level_tables
+from .codec.outliers import positions
 from .codec.packing import unpack_codes
 from .codec.seed import RHO_PER_LOG_SCALE, alpha_bits, scales_from_rho, unpack_seeds
 from .codec.weight import RBEWeight
@@ -43,6 +44,19 @@ def _parts(w: RBEWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     vals = np.take_along_axis(L, codes, axis=1).astype(np.float32) + f["offset"].reshape(-1, 1)
     d = scales_from_rho(f["rho"], w.scale0).astype(np.float64)
     return np.log(d), vals.reshape(w.N, nb, w.block_size), f["alpha"].astype(np.float32)
+
+
+def _outlier_overlay(w: RBEWeight) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mask, values) [N, nb, bs] of the exactly kept weights (FORMAT.md §5.2), or None: they stay as stored,
+    whatever the trained scale of their block."""
+    if w.outliers is None:
+        return None
+    blocks, rows, values = positions(unpack_seeds(w.seeds)["outliers"], w.outliers, w.K, w.block_size)
+    mask = np.zeros((w.N * w.blocks_per_column, w.block_size), bool)
+    vals = np.zeros(mask.shape, np.float32)
+    mask[blocks, rows], vals[blocks, rows] = True, values
+    shape = (w.N, w.blocks_per_column, w.block_size)
+    return mask.reshape(shape), vals.reshape(shape)
 
 
 def _write_back(w: RBEWeight, log_d: np.ndarray, alpha: np.ndarray) -> RBEWeight:
@@ -176,15 +190,20 @@ def distill(model: onnx.ModelProto, model_dir: Path, weights: dict[str, tuple[RB
         center = torch.zeros(w.blocks_per_column * w.block_size)
         if w.center is not None:
             center[: w.K] = torch.from_numpy(w.center)
+        overlay = _outlier_overlay(w)
         rebuild[key] = (w, transposed, t_log_d, torch.from_numpy(vals), t_alpha,
-                        center.reshape(w.blocks_per_column, w.block_size))
+                        center.reshape(w.blocks_per_column, w.block_size),
+                        None if overlay is None else tuple(torch.from_numpy(x) for x in overlay))
     ln = {k: p.detach().clone().requires_grad_(True) for k, p in params.items() if fam.is_layernorm(k)}
     trainable += list(ln.values())
 
     def student_params() -> dict:
         out = {**fixed, **ln}
-        for key, (w, transposed, log_d, vals, alpha, center) in rebuild.items():
-            cols = torch.exp(log_d)[..., None] * vals + alpha[..., None] * center   # [N, nb, bs]
+        for key, (w, transposed, log_d, vals, alpha, center, overlay) in rebuild.items():
+            cols = torch.exp(log_d)[..., None] * vals                                # [N, nb, bs]
+            if overlay is not None:
+                cols = torch.where(overlay[0], overlay[1], cols)
+            cols = cols + alpha[..., None] * center
             W = cols.reshape(w.N, -1)[:, : w.K].T                                     # K x N
             out[key] = (W.T if transposed else W).float()
         return out
@@ -201,7 +220,7 @@ def distill(model: onnx.ModelProto, model_dir: Path, weights: dict[str, tuple[RB
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.5f}")
     out = {}
-    for key, (w, _, log_d, _, alpha, _) in rebuild.items():
+    for key, (w, _, log_d, _, alpha, _, _) in rebuild.items():
         out[key.removeprefix(fam.prefix)] = _write_back(w, log_d.detach().numpy(), alpha.detach().numpy())
     for key, p in ln.items():
         name = key.removeprefix(fam.prefix)

@@ -1,5 +1,6 @@
 """libFuzzer run of the kernel-creation path (custom_ops/fuzz/fuzz_prepare.cc): rbe::prepare_weight on
-carved-up attributes, seeds and codes, and scalar vs best-ISA gemm on what it accepts, under ASan + UBSan.
+carved-up attributes, seeds, codes and exact-outlier records, and scalar vs best-ISA gemm (accuracy_level 0, and
+4 where the input asks for it) on what it accepts, under ASan + UBSan.
 
 Needs clang++ with libFuzzer (`bash tools/install_fuzz_deps.sh`, run by `make setup`). The fuzzer is built from
 the checkout's custom_ops/ in a temporary folder and run for RBE_FUZZ_SECONDS (default 60) on the committed

@@ -1,8 +1,9 @@
 """Writes the seed corpus of the prepare_weight fuzzer (custom_ops/fuzz/fuzz_prepare.cc) into corpus/.
 
 Valid inputs are real encodings (rbe_onnx.codec.encode of random weights) of every code width, block sizes
-with and without a tail block, 1/3/6/17-row activations, with bias and with NaN/Inf in A; invalid ones break
-one rule of docs/FORMAT.md §6 each. The byte layout is the one documented at the top of fuzz_prepare.cc.
+with and without a tail block, 1/3/6/17-row activations, with bias and with NaN/Inf in A, some with exact
+outliers (§5.2) and accuracy_level 4; invalid ones break one rule of docs/FORMAT.md §6 each. The byte layout is
+the one documented at the top of fuzz_prepare.cc.
 Deterministic: running it again rewrites the same files.
 
     python custom_ops/fuzz/make_corpus.py [--out DIR]
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-RAW_SHAPE, RAW_SCALE, BIAS, SEED_DELTA, CODE_DELTA, NAN_IN_A, INF_IN_A = 1, 2, 4, 8, 16, 32, 64
+RAW_SHAPE, RAW_SCALE, BIAS, SEED_DELTA, CODE_DELTA, NAN_IN_A, INF_IN_A, OUTLIERS = 1, 2, 4, 8, 16, 32, 64, 128
+DERIVE, RANDOM_COUNTS, INT8 = 1, 2, 4  # the OUTLIERS options byte
 BLOCKS, BITS = (32, 64, 128, 256), (2, 3, 4, 8)
 TAG = 0xB2
 
@@ -26,14 +28,19 @@ def canonical_seed(bits: int) -> int:
 
 
 def make_input(*, K, N, block_size, bits, scale0=None, seeds=None, codes=b"", flags=0, M=1, a_exp=0,
-               seed_delta=0, code_delta=0, prng=0, raw_shape=None) -> bytes:
+               seed_delta=0, code_delta=0, prng=0, raw_shape=None, outlier_options=None, outlier_bytes=b"",
+               xor_at=0, outlier_delta=0) -> bytes:
     """One fuzzer input. seeds: uint64-compatible ints (the true seeds; stored as masks). raw_shape: 4 int64
-    (K, N, block_size, bits) stored verbatim instead of the small-shape selectors."""
+    (K, N, block_size, bits) stored verbatim instead of the small-shape selectors. outlier_options: None for a
+    node without an outliers input, else the options byte (DERIVE, RANDOM_COUNTS, INT8), with outlier_bytes
+    the records (or, with DERIVE, the bytes XORed onto the derived ones from byte xor_at on)."""
     out = bytearray()
     if raw_shape is not None:
         flags |= RAW_SHAPE
     if scale0 is not None:
         flags |= RAW_SCALE
+    if outlier_options is not None:
+        flags |= OUTLIERS
     out += struct.pack("<B", flags)
     if raw_shape is not None:
         out += struct.pack("<4q", *raw_shape)
@@ -44,11 +51,47 @@ def make_input(*, K, N, block_size, bits, scale0=None, seeds=None, codes=b"", fl
     out += struct.pack("<BBbh", M, a_exp + 12, seed_delta, code_delta)
     seeds = [] if seeds is None else [int(s) & (2**64 - 1) for s in np.asarray(seeds).ravel()]
     out += struct.pack("<HB", len(seeds), prng)
+    if outlier_options is not None:
+        out += struct.pack("<BH", outlier_options, len(outlier_bytes))
+        if outlier_options & DERIVE:
+            out += struct.pack("<Hb", xor_at, outlier_delta)
     base = canonical_seed(bits)
     for s in seeds:
         out += struct.pack("<Q", s ^ base)
+    out += bytes(outlier_bytes)
     out += bytes(codes)
     return bytes(out)
+
+
+def with_outliers(seeds, outliers: dict[tuple[int, int], list[tuple[int, float | int]]]):
+    """(seeds with their outlier counts set, §5.2 record bytes) for {(n, b): [(row, value), ...]}, records in
+    block order and as listed within a block (so a test can list them out of order). A value given as an int
+    is a raw binary16 pattern (for Inf/NaN)."""
+    seeds = np.asarray(seeds).copy().view(np.uint64)
+    nb = seeds.shape[1]
+    records = bytearray()
+    for blk in range(seeds.size):
+        n, b = divmod(blk, nb)
+        rows = outliers.get((n, b), [])
+        seeds[n, b] = (seeds[n, b] & ~np.uint64(0xFF << 32)) | np.uint64(len(rows) << 32)
+        for row, value in rows:
+            half = value if isinstance(value, int) else int(np.array(value, np.float16).view(np.uint16))
+            records += struct.pack("<BH", row, half)
+    return seeds, bytes(records)
+
+
+def spread_outliers(K, N, block_size, nb, seed, full_block=None):
+    """A few outliers in most blocks (0-3 random rows inside the block and K, values far out of a 0.05-RMS
+    weight's range), and every row of block full_block (n, b)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in range(N):
+        for b in range(nb):
+            rows_in_block = min(block_size, K - b * block_size)
+            count = rows_in_block if (n, b) == full_block else min(int(rng.integers(0, 4)), rows_in_block)
+            rows = np.sort(rng.choice(rows_in_block, size=count, replace=False))
+            out[(n, b)] = [(int(r), float(rng.standard_normal() * 2.0)) for r in rows]
+    return out
 
 
 def encoded(K, N, bits, block_size, seed):
@@ -109,6 +152,7 @@ def corpus() -> dict[str, bytes]:
     broken("invalid-scale0-negative", scale0=-1e-3)
     # rho = 65535 puts d = s0·e^128 past float32 for any ordinary s0.
     broken("invalid-scale-overflow", field_or=0xFFFF, index=7, scale0=1e-3)
+    outlier_cases(files)
     for name, shape in {"invalid-K0": (0, 8, 64, 4), "invalid-bits5": (64, 8, 64, 5),
                         "invalid-block48": (96, 8, 48, 4), "invalid-K-too-large": ((1 << 24) + 1, 8, 64, 4),
                         "invalid-N-negative": (64, -3, 64, 4), "invalid-K-int64-max": (2**63 - 1, 2**63 - 1, 256, 8),
@@ -116,6 +160,75 @@ def corpus() -> dict[str, bytes]:
         files[name] = make_input(K=shape[0], N=shape[1], block_size=shape[2], bits=shape[3], raw_shape=shape,
                                  scale0=1e-3)
     return files
+
+
+def outlier_cases(files: dict[str, bytes]) -> None:
+    """Exact outliers (§5.2): valid sets (given, derived by the fuzzer, empty, a block made of outliers, at
+    accuracy_level 4 too) and each rule of §6 on them broken once."""
+    def encoded_with(name, K, N, bits, bs, M, outliers, options=0, **kw):
+        w = encoded(K, N, bits, bs, len(files))
+        seeds, records = with_outliers(w.seeds, outliers)
+        files[name] = make_input(K=K, N=N, block_size=bs, bits=bits, scale0=w.scale0, seeds=seeds,
+                                 codes=w.codes.tobytes(), M=M, outlier_options=options, outlier_bytes=records, **kw)
+        return w
+
+    # K = 100, block 64: block 1 is a tail of 36 rows, so row 35 is the last a record may name there.
+    spread = spread_outliers(100, 24, 64, 2, 1, full_block=(5, 1))
+    spread[(0, 1)] = [(0, 0.75), (35, -1.5)]
+    encoded_with("valid-outliers-b4-bs64-K100-N24-M3", 100, 24, 4, 64, 3, spread)
+    encoded_with("valid-outliers-b3-bs32-K70-N9-M5-int8", 70, 9, 3, 32, 5,
+                 spread_outliers(70, 9, 32, 3, 2, full_block=(4, 0)), options=INT8)
+    encoded_with("valid-outliers-b8-bs256-K300-N16-M6-int8-bias", 300, 16, 8, 256, 6,
+                 spread_outliers(300, 16, 256, 2, 3), options=INT8, flags=BIAS)
+    encoded_with("valid-outliers-b2-bs128-K130-N20-M4-nan-int8", 130, 20, 2, 128, 4,
+                 spread_outliers(130, 20, 128, 2, 4), options=INT8, flags=NAN_IN_A)
+    # Binary16 extremes: the largest finite, the smallest subnormal, -0.
+    encoded_with("valid-outliers-half-extremes", 100, 24, 4, 64, 2,
+                 {(0, 0): [(1, 65504.0), (2, -65504.0)], (1, 0): [(0, 0x0001), (63, 0x8000)]}, options=INT8)
+    # An outliers input with no records: given, but every count 0.
+    encoded_with("valid-outliers-empty-input-M2", 100, 24, 4, 64, 2, {})
+    # Records the fuzzer derives from the PRNG seeds' counts: a large weight with outliers in 21 bytes.
+    files["valid-outliers-derived-prng-b4-bs64-K1000-N50-M4-int8"] = make_input(
+        K=1000, N=50, block_size=64, bits=4, M=4, prng=5, outlier_options=DERIVE | RANDOM_COUNTS | INT8)
+    files["valid-outliers-derived-prng-b3-bs256-K600-N40-M7"] = make_input(
+        K=600, N=40, block_size=256, bits=3, M=7, prng=9, outlier_options=DERIVE | RANDOM_COUNTS)
+    # Counts from the (real) seeds, records derived: a block's count may be anything up to its rows.
+    w = encoded(200, 17, 4, 128, len(files))
+    counts = {(n, b): [(0, 0.0)] * ((3 * n + b) % 5) for n in range(17) for b in range(2)}
+    counts[(2, 1)] = [(0, 0.0)] * 72  # all of the 72-row tail block
+    derived_seeds, _ = with_outliers(w.seeds, counts)
+    derived = dict(K=200, N=17, block_size=128, bits=4, scale0=w.scale0, seeds=derived_seeds,
+                   codes=w.codes.tobytes(), M=2)
+    files["valid-outliers-derived-b4-bs128-K200-N17-M2"] = make_input(**derived, outlier_options=DERIVE)
+    files["valid-int8-no-outliers-b4-bs128-K200-N17-M6"] = make_input(**{**derived, "seeds": w.seeds, "M": 6},
+                                                                      outlier_options=INT8)
+
+    base = {(0, 0): [(3, 1.0), (9, -2.0)], (3, 1): [(35, 0.5)], (23, 1): [(0, 4.0)]}
+
+    def bad(name, changes, **kw):
+        outliers = {**base, **changes}
+        encoded_with(name, 100, 24, 4, 64, 1, outliers, **kw)
+
+    bad("invalid-outliers-count-above-block", {(7, 0): [(r % 64, 1.0) for r in range(65)]})
+    bad("invalid-outliers-row-past-block", {(7, 0): [(64, 1.0)]})  # k = 64 < K: only the block rule
+    bad("invalid-outliers-row-255", {(7, 0): [(2, 1.0), (255, 1.0)]})
+    bad("invalid-outliers-row-past-K", {(3, 1): [(36, 0.5)]})  # tail block of 36 rows
+    bad("invalid-outliers-rows-equal", {(0, 0): [(3, 1.0), (3, -2.0)]})
+    bad("invalid-outliers-rows-descending", {(0, 0): [(9, 1.0), (3, -2.0)]})
+    bad("invalid-outliers-value-inf", {(3, 1): [(35, 0x7C00)]})
+    bad("invalid-outliers-value-neg-inf", {(3, 1): [(35, 0xFC00)]})
+    bad("invalid-outliers-value-nan", {(0, 0): [(3, 1.0), (9, 0x7E01)]})
+    w4 = encoded(100, 24, 4, 64, len(files))
+    seeds, records = with_outliers(w4.seeds, base)
+    common = dict(K=100, N=24, block_size=64, bits=4, scale0=w4.scale0, seeds=seeds, codes=w4.codes.tobytes(), M=1)
+    files["invalid-outliers-length-short"] = make_input(**common, outlier_options=0, outlier_bytes=records[:-1])
+    files["invalid-outliers-length-long"] = make_input(**common, outlier_options=0,
+                                                       outlier_bytes=records + struct.pack("<BH", 10, 0x3C00))
+    files["invalid-outliers-count-but-empty-input"] = make_input(**common, outlier_options=0)
+    files["invalid-outliers-derived-length-short"] = make_input(**common, outlier_options=DERIVE, outlier_delta=-3)
+    # Derived records, then a row byte XORed past the block (a row below 64, XOR 0x80, is 128 or more).
+    files["invalid-outliers-derived-xor-row"] = make_input(**common, outlier_options=DERIVE, xor_at=3,
+                                                           outlier_bytes=b"\x80")
 
 
 def main(argv=None) -> int:

@@ -30,9 +30,10 @@ struct Weight {
   rbe::PreparedWeight w;
 };
 
-// center: None or K floats (FORMAT.md §5.1); prepare_weight copies it, so it need not outlive the call.
+// center: None or K floats (FORMAT.md §5.1); outliers: None or the §5.2 records. prepare_weight copies what
+// it needs of both, so they need not outlive the call.
 Weight make_weight(const I64& seeds, const U8& codes, int64_t K, int64_t N, int64_t block_size, int64_t bits,
-                   float scale0, py::object center) {
+                   float scale0, py::object center, py::object outliers) {
   rbe::WeightShape s{K, N, block_size, bits, scale0};
   Weight out{codes, {}};
   F32 c;
@@ -40,8 +41,16 @@ Weight make_weight(const I64& seeds, const U8& codes, int64_t K, int64_t N, int6
     c = center.cast<F32>();
     if (c.ndim() != 1) throw rbe::FormatError("center must be 1-D");
   }
+  U8 o;
+  static const uint8_t kNone = 0;
+  if (!outliers.is_none()) {
+    o = outliers.cast<U8>();
+    if (o.ndim() != 1) throw rbe::FormatError("outliers must be 1-D");
+  }
   out.w = rbe::prepare_weight(s, seeds.data(), seeds.size(), out.codes.data(), out.codes.size(),
-                              center.is_none() ? nullptr : c.data(), center.is_none() ? 0 : c.size());
+                              center.is_none() ? nullptr : c.data(), center.is_none() ? 0 : c.size(),
+                              outliers.is_none() ? nullptr : (o.size() ? o.data() : &kNone),
+                              outliers.is_none() ? 0 : o.size());
   return out;
 }
 
@@ -200,7 +209,8 @@ PYBIND11_MODULE(_kernels, m) {
   py::register_exception<rbe::FormatError>(m, "FormatError", PyExc_ValueError);
   py::class_<Weight>(m, "Weight")
       .def(py::init(&make_weight), py::arg("seeds"), py::arg("codes"), py::arg("K"), py::arg("N"),
-           py::arg("block_size"), py::arg("bits"), py::arg("scale0"), py::arg("center") = py::none())
+           py::arg("block_size"), py::arg("bits"), py::arg("scale0"), py::arg("center") = py::none(),
+           py::arg("outliers") = py::none())
       .def("gemm", &gemm, py::arg("a"), py::arg("bias") = py::none(), py::arg("isa") = "auto",
            py::arg("threads") = 1, py::arg("accuracy_level") = 0)
       .def("decode", &decode);

@@ -58,6 +58,56 @@ namespace {
 
 [[noreturn]] void fail(const std::string& what) { throw FormatError(what); }
 
+constexpr int64_t kOutlierRecordBytes = 3;  // row in block, binary16 value little-endian (§5.2)
+
+// §5.2's records against the seeds' counts: length, rows inside the block and K, ascending, finite values.
+void prepare_outliers(PreparedWeight& w, const int64_t* seeds, const uint8_t* records, int64_t n_bytes) {
+  const WeightShape& s = w.shape;
+  const int64_t nb = s.blocks_per_column(), n_blocks = s.N * nb;
+  int64_t total = 0;
+  for (int64_t i = 0; i < n_blocks; ++i) total += unpack_seed(static_cast<uint64_t>(seeds[i])).outliers;
+  if (n_bytes != kOutlierRecordBytes * total) {
+    std::ostringstream m;
+    m << "outliers must hold 3 x " << total << " (the seeds' outlier counts) = " << kOutlierRecordBytes * total
+      << " bytes, got " << n_bytes;
+    fail(m.str());
+  }
+  if (total == 0) return;
+  w.outlier_first.resize(static_cast<size_t>(n_blocks + 1));
+  w.outlier_k.resize(static_cast<size_t>(total));
+  w.outlier_value.resize(static_cast<size_t>(total));
+  w.outlier_delta.resize(static_cast<size_t>(total));
+  std::vector<uint8_t> codes(static_cast<size_t>(s.block_size));
+  int64_t j = 0;
+  for (int64_t blk = 0; blk < n_blocks; ++blk) {
+    w.outlier_first[blk] = j;
+    const int64_t count = unpack_seed(static_cast<uint64_t>(seeds[blk])).outliers;
+    if (count == 0) continue;
+    unpack_block_codes(w.codes + blk * s.block_bytes(), static_cast<int>(s.bits), static_cast<int>(s.block_size),
+                       codes.data());
+    const std::vector<int>& L = w.levels[w.theta[blk]];
+    for (int64_t r = 0; r < count; ++r, ++j) {
+      const uint8_t* rec = records + kOutlierRecordBytes * j;
+      const int64_t row = rec[0], k = (blk % nb) * s.block_size + row;
+      const uint16_t half = static_cast<uint16_t>(rec[1] | (rec[2] << 8));
+      const char* bad = nullptr;
+      if (row >= s.block_size) bad = "row past the block";
+      else if (k >= s.K) bad = "row past K (a tail position)";
+      else if (r > 0 && row <= records[kOutlierRecordBytes * (j - 1)]) bad = "rows not strictly ascending within the block";
+      else if ((half & 0x7C00u) == 0x7C00u) bad = "value is not finite";
+      if (bad) {
+        std::ostringstream m;
+        m << "outlier " << j << " (block [" << blk / nb << ", " << blk % nb << "]): " << bad;
+        fail(m.str());
+      }
+      w.outlier_k[j] = static_cast<int32_t>(k);
+      w.outlier_value[j] = half_to_float(half);
+      w.outlier_delta[j] = w.outlier_value[j] - w.scale[blk] * static_cast<float>(L[codes[row]] + w.offset[blk]);
+    }
+  }
+  w.outlier_first[n_blocks] = j;
+}
+
 }  // namespace
 
 void validate_shape(const WeightShape& s) {
@@ -75,7 +125,7 @@ void validate_shape(const WeightShape& s) {
 
 PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, int64_t n_seeds,
                               const uint8_t* codes, int64_t n_code_bytes, const float* center,
-                              int64_t n_center) {
+                              int64_t n_center, const uint8_t* outliers, int64_t n_outlier_bytes) {
   validate_shape(shape);
   const int64_t nb = shape.blocks_per_column();
   const int64_t n_blocks = shape.N * nb;
@@ -123,7 +173,8 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
             "on the original model to re-encode it";
     else if (f.tag != kSeedTag) bad = "tag is not 0xB2 (not an RBE v2 seed)";
     else if (f.width != static_cast<uint32_t>(shape.bits)) bad = "width field differs from the bits attribute";
-    else if (f.outliers != 0) bad = "outlier count nonzero (not allowed in v2)";
+    else if (f.outliers != 0 && outliers == nullptr) bad = "outlier count nonzero but the node has no outliers input";
+    else if (f.outliers > static_cast<uint32_t>(shape.block_size)) bad = "outlier count above block_size";
     else if ((f.alpha_bits & 0x7C00u) == 0x7C00u) bad = "alpha is not finite";
     else if (f.alpha_bits != 0 && !has_center) bad = "alpha nonzero but the node has no center vector";
     else if (shape.bits == 8 && f.theta != kUniformTheta) bad = "theta != 4 with 8-bit codes";
@@ -149,6 +200,7 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
     if (shape.bits != 8)
       for (size_t c = 0; c < w.levels[t].size(); ++c) w.lut[t][c] = static_cast<int8_t>(w.levels[t][c]);
   }
+  if (outliers != nullptr) prepare_outliers(w, seeds, outliers, n_outlier_bytes);
   return w;
 }
 
@@ -159,6 +211,9 @@ void decode_block(const PreparedWeight& w, int64_t blk, float* out) {
                      codes);
   const std::vector<int>& L = w.levels[w.theta[blk]];
   for (int64_t i = 0; i < s.block_size; ++i) out[i] = w.scale[blk] * static_cast<float>(L[codes[i]] + w.offset[blk]);
+  if (w.has_outliers())
+    for (int64_t j = w.outlier_first[blk]; j < w.outlier_first[blk + 1]; ++j)
+      out[w.outlier_k[j] % s.block_size] = w.outlier_value[j];
   if (!w.has_center()) return;
   // Two rounded products and one rounded sum (§5.1): this file is built with -ffp-contract=off, since a
   // fused multiply-add here would round once less than the numpy spec and change the bits.

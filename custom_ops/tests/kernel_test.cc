@@ -101,7 +101,8 @@ void pack_block(const uint8_t* codes, int bits, int block_size, uint8_t* out) {
 struct Case {
   int bits, block_size;
   int64_t K, N;
-  bool center = false;  // a center vector and a random alpha per block (§5.1)
+  bool center = false;    // a center vector and a random alpha per block (§5.1)
+  bool outliers = false;  // 0 to 3 exact outliers per block, now and then a whole block of them (§5.2)
 };
 
 // Random valid weight: seeds, packed codes, and the K x N matrix those encode (computed here, §5, §5.1).
@@ -110,10 +111,13 @@ struct RandomWeight {
   std::vector<int64_t> seeds;
   std::vector<uint8_t> codes;
   std::vector<double> W;       // K x N row-major: the weight, center term included (each a float32 value)
-  std::vector<double> W0;      // K x N: d·(L+o) alone
+  std::vector<double> W0;      // K x N: d·(L+o) alone (what the codes decode to, outliers or not)
+  std::vector<double> delta;   // K x N: an outlier's value less W0 there, 0 elsewhere
   std::vector<float> center;   // K, empty without a center
   std::vector<float> alpha;    // N·nb, empty without a center
+  std::vector<uint8_t> records;  // §5.2's outlier records; with outliers, never empty (a null input else)
   const float* center_ptr() const { return center.empty() ? nullptr : center.data(); }
+  const uint8_t* outliers_ptr(const Case& c) const { return c.outliers ? records.data() : nullptr; }
 };
 
 RandomWeight random_weight(const Case& c, std::mt19937_64& rng) {
@@ -128,6 +132,7 @@ RandomWeight random_weight(const Case& c, std::mt19937_64& rng) {
   r.codes.resize(static_cast<size_t>(r.shape.code_bytes()));
   r.W.assign(static_cast<size_t>(c.K * c.N), 0.0);
   r.W0.assign(static_cast<size_t>(c.K * c.N), 0.0);
+  r.delta.assign(static_cast<size_t>(c.K * c.N), 0.0);
   std::normal_distribution<float> normal(0.f, 1.f);
   if (c.center) {
     r.center.resize(static_cast<size_t>(c.K));
@@ -145,7 +150,18 @@ RandomWeight random_weight(const Case& c, std::mt19937_64& rng) {
       const int64_t blk = n * nb + b;
       const uint16_t alpha = c.center ? random_alpha(rng) : 0;
       if (c.center) r.alpha[blk] = half_value(alpha);
-      r.seeds[blk] = static_cast<int64_t>(make_seed(rho, theta, offset, static_cast<uint32_t>(c.bits), alpha));
+      // Outlier rows: a random subset of the block's rows below K (every one of them now and then).
+      const int64_t rows = std::min<int64_t>(bs, c.K - b * bs);
+      std::vector<int64_t> exact_rows;
+      if (c.outliers) {
+        const uint64_t pick = rng();
+        const int64_t want = std::min<int64_t>(pick % 16 == 0 ? rows : static_cast<int64_t>(pick % 4), std::min<int64_t>(rows, 255));
+        for (int64_t i = 0, need = want; i < rows && need > 0; ++i)
+          if (static_cast<int64_t>(rng() % static_cast<uint64_t>(rows - i)) < need) { exact_rows.push_back(i); --need; }
+      }
+      const uint64_t count = exact_rows.size();
+      r.seeds[blk] = static_cast<int64_t>(make_seed(rho, theta, offset, static_cast<uint32_t>(c.bits), alpha) |
+                                          count << 32);
       // Tail codes (k >= K) are random too, not the 0 an encoder writes: decoders must ignore them (§4).
       for (auto& code : block_codes) code = static_cast<uint8_t>(code_d(rng));
       pack_block(block_codes.data(), c.bits, c.block_size, r.codes.data() + blk * r.shape.block_bytes());
@@ -159,14 +175,27 @@ RandomWeight random_weight(const Case& c, std::mt19937_64& rng) {
         r.W0[k * c.N + n] = static_cast<double>(base);
         r.W[k * c.N + n] = static_cast<double>(c.center ? base + term : base);
       }
+      for (int64_t i : exact_rows) {
+        // The value replaces d·(L[c]+o); the center term still adds (§5.2). Values as large as the block's.
+        const int64_t k = b * bs + i;
+        const uint16_t h = random_alpha(rng);
+        const volatile float v = half_value(h);
+        const volatile float term = c.center ? r.alpha[blk] * r.center[k] : 0.f;
+        r.records.insert(r.records.end(), {static_cast<uint8_t>(i), static_cast<uint8_t>(h & 0xFF),
+                                           static_cast<uint8_t>(h >> 8)});
+        r.delta[k * c.N + n] = static_cast<double>(v) - r.W0[k * c.N + n];
+        r.W[k * c.N + n] = static_cast<double>(c.center ? v + term : v);
+      }
     }
+  if (c.outliers) r.records.reserve(r.records.size() + 1);  // a valid pointer even for zero records
   return r;
 }
 
-// max|got - ref| <= 1e-5 · max|ref| (a norm-wise bound: the float kernels accumulate in float, the
-// reference in double, so elementwise relative error is meaningless for outputs near zero).
-bool close(const std::vector<float>& got, const std::vector<double>& ref, double* rel_out) {
-  double max_ref = 0.0, max_diff = 0.0;
+// max|got - ref| <= 1e-5 · max(max|ref|, floor) (a norm-wise bound: the float kernels accumulate in float, the
+// reference in double, so elementwise relative error is meaningless for outputs near zero). floor: the size of
+// terms that cancel inside a product, which the bound must scale with as well (outliers, below).
+bool close(const std::vector<float>& got, const std::vector<double>& ref, double* rel_out, double floor = 0.0) {
+  double max_ref = floor, max_diff = 0.0;
   for (size_t i = 0; i < ref.size(); ++i) {
     max_ref = std::max(max_ref, std::fabs(ref[i]));
     const double diff = std::fabs(static_cast<double>(got[i]) - ref[i]);
@@ -179,6 +208,7 @@ bool close(const std::vector<float>& got, const std::vector<double>& ref, double
 std::string describe(const Case& c, int64_t M, const std::string& what) {
   return "bits=" + std::to_string(c.bits) + " block_size=" + std::to_string(c.block_size) +
          " K=" + std::to_string(c.K) + " N=" + std::to_string(c.N) + (c.center ? " center" : "") +
+         (c.outliers ? " outliers" : "") +
          " M=" + std::to_string(M) + ": " + what;
 }
 
@@ -221,6 +251,23 @@ Quantized quantize_spec(const std::vector<float>& A, int64_t M, int64_t K, int64
   return out;
 }
 
+// The SIMD kernels and the int8 path multiply every code, an outlier's too, and then add a_k·(v − d·(L[c]+o))
+// (§5.2): the code's value enters and cancels, so their rounding scales with max over outputs of
+// Σ_outliers |a_k·d·(L[c]+o)| (the scalar float kernel substitutes v before multiplying). Encoders write the nearest level at an outlier,
+// which keeps this at the outlier's own size; this test's codes are random, so it can be far larger.
+double outlier_cancellation(const Case& c, const RandomWeight& rw, const std::vector<float>& A, int64_t M) {
+  if (!c.outliers) return 0.0;
+  double worst = 0.0;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < c.N; ++n) {
+      double sum = 0.0;
+      for (int64_t k = 0; k < c.K; ++k)
+        if (rw.delta[k * c.N + n] != 0.0) sum += std::fabs(static_cast<double>(A[m * c.K + k]) * rw.W0[k * c.N + n]);
+      if (std::isfinite(sum)) worst = std::max(worst, sum);
+    }
+  return worst;
+}
+
 void test_gemm_int8(const Case& c, const RandomWeight& rw, const rbe::PreparedWeight& w, const std::vector<float>& bias,
                     const std::vector<rbe::Isa>& simd, std::mt19937_64& rng, double* worst) {
   const int64_t nb = rw.shape.blocks_per_column(), bs = c.block_size, Kp = nb * bs;
@@ -249,7 +296,7 @@ void test_gemm_int8(const Case& c, const RandomWeight& rw, const rbe::PreparedWe
     }
     report(same, describe(c, M, "int8: quantize_row_int8 equals the spec"));
     // Direct: Σ_b d·s·Σ_k (L[c_k] + o)·q_k with the weight's own decoded (L + o)·d = W0, so (L + o) = W0/d;
-    // with a center, + Σ_b α·Σ_k a_k·c_k on the float activations (§2.1).
+    // with a center, + Σ_b α·Σ_k a_k·c_k, and with outliers + Σ a_k·(v − W0), on the float activations (§2.1).
     std::vector<double> direct(static_cast<size_t>(M * c.N));
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < c.N; ++n) {
@@ -261,6 +308,7 @@ void test_gemm_int8(const Case& c, const RandomWeight& rw, const rbe::PreparedWe
           for (int64_t k = b * bs; k < std::min(c.K, (b + 1) * bs); ++k) {
             dot += std::llround(rw.W0[k * c.N + n] / d) * qz.q[m * Kp + k];
             if (c.center) center_dot += static_cast<double>(A[m * c.K + k]) * rw.center[k];
+            if (c.outliers) acc += static_cast<double>(A[m * c.K + k]) * rw.delta[k * c.N + n];
           }
           acc += d * static_cast<double>(qz.scale[m * nb + b]) * static_cast<double>(dot);
           if (c.center) acc += static_cast<double>(rw.alpha[n * nb + b]) * center_dot;
@@ -269,6 +317,7 @@ void test_gemm_int8(const Case& c, const RandomWeight& rw, const rbe::PreparedWe
       }
     std::vector<float> ref(static_cast<size_t>(M * c.N), NAN);
     double rel = 0.0;
+    const double cancel = outlier_cancellation(c, rw, A, M);
     rbe::gemm(w, A.data(), M, bias.data(), ref.data(), rbe::Isa::Scalar, rbe::serial_for, rbe::kAccuracyInt8);
     // NaN rows compare as NaN == NaN; the rest to the usual tolerance.
     auto finite_part = [&](const std::vector<float>& y, std::vector<float>* yf, std::vector<double>* rf,
@@ -285,7 +334,7 @@ void test_gemm_int8(const Case& c, const RandomWeight& rw, const rbe::PreparedWe
       std::vector<double> rf;
       bool nan_ok;
       finite_part(ref, &yf, &rf, direct, &nan_ok);
-      report(nan_ok && close(yf, rf, &rel), describe(c, M, "int8: scalar vs direct, rel " + std::to_string(rel)));
+      report(nan_ok && close(yf, rf, &rel, cancel), describe(c, M, "int8: scalar vs direct, rel " + std::to_string(rel)));
     }
     const std::vector<double> ref_d(ref.begin(), ref.end());
     for (rbe::Isa isa : simd) {
@@ -300,7 +349,7 @@ void test_gemm_int8(const Case& c, const RandomWeight& rw, const rbe::PreparedWe
       std::vector<double> rf;
       bool nan_ok;
       finite_part(Y, &yf, &rf, ref_d, &nan_ok);
-      const bool ok = nan_ok && close(yf, rf, &rel);
+      const bool ok = nan_ok && close(yf, rf, &rel, cancel);
       *worst = std::max(*worst, rel);
       report(ok, describe(c, M, std::string("int8: ") + rbe::isa_name(isa) + " vs scalar, rel " + std::to_string(rel)));
     }
@@ -314,7 +363,8 @@ void test_gemm(const Case& c, const std::vector<rbe::Isa>& simd, double* worst, 
   try {
     w = rbe::prepare_weight(rw.shape, rw.seeds.data(), static_cast<int64_t>(rw.seeds.size()), rw.codes.data(),
                             static_cast<int64_t>(rw.codes.size()), rw.center_ptr(),
-                            static_cast<int64_t>(rw.center.size()));
+                            static_cast<int64_t>(rw.center.size()), rw.outliers_ptr(c),
+                            static_cast<int64_t>(rw.records.size()));
   } catch (const std::exception& e) {
     report(false, describe(c, 0, std::string("prepare_weight threw: ") + e.what()));
     return;
@@ -348,6 +398,7 @@ void test_gemm(const Case& c, const std::vector<rbe::Isa>& simd, double* worst, 
       }
     std::vector<float> ref(static_cast<size_t>(M * c.N), NAN);
     double rel = 0.0;
+    const double cancel = outlier_cancellation(c, rw, A, M);
     rbe::gemm(w, A.data(), M, bias.data(), ref.data(), rbe::Isa::Scalar);
     report(close(ref, direct, &rel), describe(c, M, "scalar vs direct decode, rel " + std::to_string(rel)));
     const std::vector<double> ref_d(ref.begin(), ref.end());
@@ -359,7 +410,7 @@ void test_gemm(const Case& c, const std::vector<rbe::Isa>& simd, double* worst, 
         report(false, describe(c, M, std::string(rbe::isa_name(isa)) + " threw: " + e.what()));
         continue;
       }
-      const bool ok = close(Y, ref_d, &rel);
+      const bool ok = close(Y, ref_d, &rel, cancel);
       *worst = std::max(*worst, rel);
       report(ok, describe(c, M, std::string(rbe::isa_name(isa)) + " vs scalar, rel " + std::to_string(rel)));
     }
@@ -519,6 +570,12 @@ int main() {
     for (int block_size : {32, 64, 128, 256})
       for (const auto& kn : center_shapes)
         test_gemm(Case{bits, block_size, kn[0], kn[1], true}, simd, &worst, &worst_int8);
+  // With outliers, with and without a center.
+  for (int bits : {2, 3, 4, 8})
+    for (int block_size : {32, 128, 256})
+      for (const auto& kn : center_shapes)
+        for (bool center : {false, true})
+          test_gemm(Case{bits, block_size, kn[0], kn[1], center, true}, simd, &worst, &worst_int8);
   if (!simd.empty())
     std::printf("kernel_test: worst SIMD rel error vs scalar: float %.3g, int8 %.3g\n", worst, worst_int8);
   test_malformed();

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from .codebook import levels
+from .outliers import positions
 from .packing import unpack_codes
 from .seed import THETA_STEPS, UNIFORM_THETA, scales_from_rho
 from .weight import RBEWeight
@@ -15,13 +16,17 @@ def level_tables(bits: int) -> np.ndarray:
 
 
 def decode(w: RBEWeight) -> np.ndarray:
-    """The float32 K x N matrix the weight stands for (§5: w = d · (L[c] + o), + α · c_k with a center, §5.1)."""
+    """The float32 K x N matrix the weight stands for (§5: w = d · (L[c] + o), or an outlier's value, §5.2;
+    + α · c_k with a center, §5.1)."""
     f = {k: v.reshape(-1) for k, v in w.validate().items()}
     d = scales_from_rho(f["rho"], w.scale0)
     codes = unpack_codes(w.codes.reshape(-1, w.block_bytes), w.bits).astype(np.intp)  # [N·nb, bs]
     L = level_tables(w.bits)[f["theta"]]
     vals = np.take_along_axis(L, codes, axis=1).astype(np.float32) + f["offset"][:, None].astype(np.float32)
     cols = d[:, None] * vals
+    if w.outliers is not None:  # §5.2: an outlier's value replaces d·(L[c] + o)
+        blocks, rows, values = positions(f["outliers"], w.outliers, w.K, w.block_size)
+        cols[blocks, rows] = values
     if w.center is not None:
         c = np.zeros(w.blocks_per_column * w.block_size, np.float32)
         c[: w.K] = w.center

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import outliers
 from .decode import level_tables
 from .encode import default_scale0, encode
 from .packing import pack_codes
@@ -29,9 +30,13 @@ def _inverse_cholesky(H: np.ndarray, damp: float) -> np.ndarray:
 
 
 def encode_gptq(W: np.ndarray, H: np.ndarray, bits: int = 4, block_size: int = 64,
-                damp: float = 0.01) -> RBEWeight:
+                damp: float = 0.01, outlier_fraction: float = 0.0) -> RBEWeight:
     """Encodes a K x N weight like `encode`, with rounding that minimises ‖X·(W − Ŵ)‖² for inputs X with
-    XᵀX = H (K x K)."""
+    XᵀX = H (K x K).
+
+    outlier_fraction: keep about this fraction of the weights exactly (binary16, FORMAT.md §5.2), chosen per
+    block row range as the farthest from their column block's bulk. They are left out of the block's range
+    when its seed is fitted, and error feedback sees only their binary16 rounding."""
     W = np.array(W, dtype=np.float64)
     K, N = W.shape
     if H.shape != (K, K):
@@ -44,10 +49,14 @@ def encode_gptq(W: np.ndarray, H: np.ndarray, bits: int = 4, block_size: int = 6
     # One s0 for the node, with headroom: error feedback can shrink a later block's range below what the
     # original weights had.
     scale0 = 0.25 * default_scale0(W.astype(np.float32), bits, block_size)
+    kept = []  # (block indices, rows in block, values) of the outliers, per row block
     for b in range(nb):
         k0, k1 = b * block_size, min(K, (b + 1) * block_size)
-        # Seeds for this block from the weights as the earlier blocks' error feedback left them.
-        block = encode(W[k0:k1].astype(np.float32), bits=bits, block_size=block_size, scale0=scale0)
+        # Seeds for this block from the weights as the earlier blocks' error feedback left them; outliers
+        # stand in as their column's median so that they do not stretch the range.
+        exact = outliers.select(W[k0:k1], outlier_fraction)
+        fit = np.where(exact, np.median(W[k0:k1], axis=0, keepdims=True), W[k0:k1]) if exact.any() else W[k0:k1]
+        block = encode(fit.astype(np.float32), bits=bits, block_size=block_size, scale0=scale0)
         f = unpack_seeds(block.seeds[:, 0])
         rho = f["rho"]
         d = scales_from_rho(rho, scale0).astype(np.float64)
@@ -55,6 +64,7 @@ def encode_gptq(W: np.ndarray, H: np.ndarray, bits: int = 4, block_size: int = 6
         table = None if bits == 8 else tables[f["theta"]]
         seeds[:, b] = pack_seeds(rho, f["theta"], f["offset"], bits)
         err_block = np.zeros((k1 - k0, N))
+        exact_values = np.zeros((k1 - k0, N))
         for i, k in enumerate(range(k0, k1)):
             t = W[k] / d - o                                      # target in level units, per column
             if bits == 8:                                          # identity table: round directly
@@ -63,10 +73,17 @@ def encode_gptq(W: np.ndarray, H: np.ndarray, bits: int = 4, block_size: int = 6
             else:                                                  # nearest level of each column's table
                 c = np.abs(table - t[:, None]).argmin(axis=1)
                 q = d * (table[np.arange(N), c] + o)
+            if exact[i].any():
+                q = np.where(exact[i], W[k].astype(np.float16).astype(np.float64), q)
+                exact_values[i] = q
             codes[:, k] = c
             err = (W[k] - q) / U[k, k]
             W[k + 1:k1] -= np.outer(U[k, k + 1:k1], err)
             err_block[i] = err
         W[k1:] -= U[k0:k1, k1:].T @ err_block
+        if exact.any():
+            rows, cols = np.nonzero(exact)
+            kept.append((cols * nb + b, rows, exact_values[rows, cols]))
     packed = pack_codes(codes.reshape(N * nb, block_size), bits).reshape(-1)
-    return RBEWeight(K=K, N=N, bits=bits, block_size=block_size, scale0=float(scale0), seeds=seeds, codes=packed)
+    w = RBEWeight(K=K, N=N, bits=bits, block_size=block_size, scale0=float(scale0), seeds=seeds, codes=packed)
+    return outliers.attach(w, *(np.concatenate(x) for x in zip(*kept))) if kept else w

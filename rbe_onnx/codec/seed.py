@@ -67,7 +67,7 @@ def check_layout(K: int, N: int, bits: int, block_size: int, scale0: float) -> N
 
 
 def check_seeds(seeds: np.ndarray, K: int, N: int, bits: int, block_size: int,
-                has_center: bool = False) -> dict[str, np.ndarray]:
+                has_center: bool = False, has_outliers: bool = False) -> dict[str, np.ndarray]:
     """Validates a seed array against §6 and returns its fields."""
     nb = -(-K // block_size)
     if seeds.dtype != np.int64 or seeds.shape != (N, nb):
@@ -78,7 +78,9 @@ def check_seeds(seeds: np.ndarray, K: int, N: int, bits: int, block_size: int,
                              "re-run `rbe-onnx rewrite` on the original model to re-encode it"),
         (f["tag"] != TAG, f"tag is not 0x{TAG:X} (not an RBE v2 seed)"),
         (f["width"] != bits, f"width field differs from bits={bits}"),
-        (f["outliers"] != 0, "outlier count nonzero (not allowed in v2)"),
+        ((f["outliers"] != 0) if not has_outliers else np.zeros(1, bool),
+         "outlier count nonzero but the node has no outliers input"),
+        (f["outliers"] > block_size, f"outlier count above block_size={block_size}"),
         (~np.isfinite(f["alpha"]), "alpha is not finite"),
         ((f["alpha"].view(np.uint32) != 0) if not has_center else np.zeros(1, bool),
          "alpha nonzero but the node has no center vector"),

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .outliers import positions
 from .seed import check_layout, check_seeds, FormatError
 
 
@@ -20,6 +21,7 @@ class RBEWeight:
     seeds: np.ndarray  # int64 [N, nb]
     codes: np.ndarray  # uint8 [N · nb · block_size · bits / 8]
     center: np.ndarray | None = None  # float32 [K] (§5.1), scaled per block by the seeds' alpha
+    outliers: np.ndarray | None = None  # uint8 [3 · Σ counts] (§5.2): per outlier its row and binary16 value
 
     @property
     def blocks_per_column(self) -> int:
@@ -31,8 +33,9 @@ class RBEWeight:
 
     @property
     def nbytes(self) -> int:
-        """Stored bytes: codes + seeds + the float scale0 (+ the center vector)."""
-        return int(self.codes.nbytes + self.seeds.nbytes + 4 + (0 if self.center is None else 4 * self.K))
+        """Stored bytes: codes + seeds + the float scale0 (+ the center vector, + the outlier records)."""
+        return int(self.codes.nbytes + self.seeds.nbytes + 4 + (0 if self.center is None else 4 * self.K)
+                   + (0 if self.outliers is None else self.outliers.nbytes))
 
     @property
     def bits_per_weight(self) -> float:
@@ -48,9 +51,11 @@ class RBEWeight:
             if not np.all(np.isfinite(c)):
                 raise FormatError("center holds NaN or Inf")
         fields = check_seeds(self.seeds, self.K, self.N, self.bits, self.block_size,
-                             has_center=self.center is not None)
+                             has_center=self.center is not None, has_outliers=self.outliers is not None)
         expected = self.N * self.blocks_per_column * self.block_bytes
         if self.codes.dtype != np.uint8 or self.codes.ndim != 1 or self.codes.size != expected:
             raise FormatError(f"codes must be uint8 1-D of {expected} bytes, got {self.codes.dtype} "
                               f"{list(self.codes.shape)}")
+        if self.outliers is not None:
+            positions(fields["outliers"], self.outliers, self.K, self.block_size)
         return fields

@@ -62,20 +62,30 @@ struct PreparedWeight {
   std::vector<float> alpha;
   std::vector<float> center;
   bool has_center() const { return !center.empty(); }
+  // Exact outliers (§5.2), all empty without any: outlier_first [N·nb + 1] indexes the records of block blk at
+  // [outlier_first[blk], outlier_first[blk + 1]) (so column n's at [outlier_first[n·nb], outlier_first[(n+1)·nb])),
+  // outlier_k their row in the weight, outlier_value the stored value widened to float32 and outlier_delta that
+  // value less what the code decodes to, d·(L[c] + o): the products add a_k·delta after the kernels.
+  std::vector<int64_t> outlier_first;
+  std::vector<int32_t> outlier_k;
+  std::vector<float> outlier_value;
+  std::vector<float> outlier_delta;
+  bool has_outliers() const { return !outlier_k.empty(); }
 };
 
 // Checks K, N, block_size, bits and scale0 against §2 (throws FormatError).
 void validate_shape(const WeightShape& shape);
 
-// Validates shape, seeds, code length and center against §6 and builds the per-block tables.
+// Validates shape, seeds, code length, center and outliers against §6 and builds the per-block tables.
 // Throws FormatError. seeds: N·nb values; codes: code_bytes; center: K floats, or null for a node without
-// one (then every seed's alpha must be +0).
+// one (then every seed's alpha must be +0); outliers: the §5.2 records (3 bytes each), or null for a node
+// without them (then every seed's outlier count must be 0).
 PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, int64_t n_seeds,
                               const uint8_t* codes, int64_t n_code_bytes, const float* center = nullptr,
-                              int64_t n_center = 0);
+                              int64_t n_center = 0, const uint8_t* outliers = nullptr, int64_t n_outlier_bytes = 0);
 
-// Decodes block blk (= n·nb + b) to block_size floats d·(L[c]+o) (+ α·c_k with a center, §5.1, bit for bit
-// as the spec), tail positions included (§4).
+// Decodes block blk (= n·nb + b) to block_size floats d·(L[c]+o), or an outlier's value (§5.2), (+ α·c_k with
+// a center, §5.1, bit for bit as the spec), tail positions included (§4).
 void decode_block(const PreparedWeight& w, int64_t blk, float* out);
 
 // Unpacks the codes of one block (block_size values) per §4.

@@ -1,7 +1,7 @@
 // One entry point over the per-ISA kernels (as MLAS does): pads the activations to whole blocks, computes
 // block sums once (float path) or quantizes them to int8 once (accuracy_level 4), splits the output columns
 // into tasks and runs them through the caller's thread pool. Also home of the int8 path's scalar reference
-// and of the center term (FORMAT.md §5.1), which no per-ISA kernel knows about.
+// and of the center term (FORMAT.md §5.1) and the outliers (§5.2), which no per-ISA kernel knows about.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -236,6 +236,24 @@ void gemm_columns_scalar_int8(const GemmProblem& p, int64_t n0, int64_t n1) {
   }
 }
 
+namespace {
+
+// Y[:, n0:n1] += the outliers' corrections (§5.2), column by column: each outlier costs one gather from A
+// per row, so a fraction f of outliers adds about f·K·N scattered multiply-adds to a product (opt-in, for
+// heavy-tailed weights; the fast decode settings have none).
+void add_outliers(const PreparedWeight& w, const float* A, int64_t M, float* Y, int64_t n0, int64_t n1) {
+  const WeightShape& s = w.shape;
+  const int64_t nb = s.blocks_per_column();
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t j = w.outlier_first[n * nb]; j < w.outlier_first[(n + 1) * nb]; ++j) {
+      const int64_t k = w.outlier_k[j];
+      const float delta = w.outlier_delta[j];
+      for (int64_t m = 0; m < M; ++m) Y[m * s.N + n] += A[m * s.K + k] * delta;
+    }
+}
+
+}  // namespace
+
 void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias, float* Y, Isa isa,
           const ParallelFor& parallel_for, int accuracy_level) {
   if (!isa_available(isa)) throw FormatError(std::string("kernel ISA ") + isa_name(isa) + " not available here");
@@ -296,6 +314,8 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
   // the exception: it decodes whole weights with decode_block, center included, and so stays an independent
   // yardstick for this term. The int8 path takes the float activations here too (§2.1).
   const bool center_term = w.has_center() && kernel != gemm_columns_scalar;
+  // Likewise the outliers (§5.2): a_k·(value − d·(L[c] + o)) per outlier, in float even on the int8 path.
+  const bool outlier_term = w.has_outliers() && kernel != gemm_columns_scalar;
   std::vector<float> a_center;
   if (center_term) {
     a_center.resize(static_cast<size_t>(M * nb));
@@ -324,6 +344,7 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
   parallel_for(static_cast<size_t>(tasks), [&](size_t t) {
     const int64_t n0 = static_cast<int64_t>(t) * chunk, n1 = std::min(s.N, n0 + chunk);
     kernel(p, n0, n1);
+    if (outlier_term) add_outliers(w, A, M, Y, n0, n1);
     if (!center_term) return;
     // In the task that wrote these columns, while they are still in cache. Along n, over the block-major
     // alpha: the inner loop is a plain axpy the compiler vectorizes (a 768 x 50257 lm_head at M = 1 has 600k

@@ -87,7 +87,7 @@ const void* raw_data(const OrtApi& api, const OrtValue* value) {
 }
 
 PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index, size_t center_index,
-                           size_t seeds_index) {
+                           size_t seeds_index, size_t outliers_index) {
   WeightShape shape;
   shape.K = int_attr(api, info, "K");
   shape.N = int_attr(api, info, "N");
@@ -144,8 +144,20 @@ PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t 
     center = tensor_data<float>(api, center_value);
     n_center = c.size();
   }
+  // The outlier records (§5.2) are decoded into the prepared weight once, like the center.
+  const uint8_t* outliers = nullptr;
+  int64_t n_outliers = 0;
+  if (!input_name(api, info, outliers_index).empty()) {
+    const OrtValue* value = constant_input(api, info, outliers_index, "input 'outliers'");
+    const TensorView o = describe(api, value);
+    if (o.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || o.shape.size() != 1)
+      throw FormatError("input 'outliers' must be a 1-D uint8 tensor");
+    static const uint8_t kNone = 0;  // an empty tensor may have no data pointer; the input is still given
+    n_outliers = o.size();
+    outliers = n_outliers ? tensor_data<uint8_t>(api, value) : &kNone;
+  }
   return prepare_weight(shape, tensor_data<int64_t>(api, seeds_value), seeds.size(),
-                        tensor_data<uint8_t>(api, codes_value), codes.size(), center, n_center);
+                        tensor_data<uint8_t>(api, codes_value), codes.size(), center, n_center, outliers, n_outliers);
 }
 
 void init_op_defaults(OrtCustomOp& op) {

@@ -38,9 +38,10 @@ const T* tensor_data(const OrtApi& api, const OrtValue* value) {
 
 // K, N, block_size, bits, scale0 attributes + the constant uint8 codes input at `codes_index` + the optional
 // constant float32 [K] center input at `center_index` (FORMAT.md §5.1; absent or empty: none) + the seeds,
-// either the `seeds` attribute or the optional constant int64 input at `seeds_index` (§2.2), not both.
+// either the `seeds` attribute or the optional constant int64 input at `seeds_index` (§2.2), not both, + the
+// optional constant uint8 outlier records at `outliers_index` (§5.2).
 PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index, size_t center_index,
-                           size_t seeds_index);
+                           size_t seeds_index, size_t outliers_index);
 
 // What every ai.rbe op shares: version 1 on the CPU EP, one float output, required non-variadic I/O,
 // V2 (status-returning) kernel entry points only. Each op then sets its name, inputs and kernel functions.

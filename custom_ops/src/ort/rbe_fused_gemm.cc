@@ -39,7 +39,7 @@ Kernel* create_kernel(const OrtApi& api, const OrtKernelInfo* info, const std::s
   auto kernel = std::make_unique<Kernel>();
   kernel->api = &api;
   kernel->name = name;
-  kernel->weight = read_weight(api, info, 1, 3, 4);
+  kernel->weight = read_weight(api, info, 1, 3, 4, 5);
   kernel->accuracy_level = accuracy_level_attr(api, info);
   const char* forced = std::getenv("RBE_ISA");
   kernel->isa = isa_from_name(forced && *forced ? forced : "auto");
@@ -101,11 +101,12 @@ struct RbeFusedGemmOp : OrtCustomOp {
   RbeFusedGemmOp() : OrtCustomOp{} {
     init_op_defaults(*this);
     GetName = [](const OrtCustomOp*) { return "RBEFusedGemm"; };
-    // A, codes, bias (optional), center (optional, FORMAT.md §5.1), seeds (optional, §2.2).
-    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 5; };
+    // A, codes, bias (optional), center (optional, FORMAT.md §5.1), seeds (optional, §2.2), outliers
+    // (optional, §5.2).
+    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 6; };
     GetInputType = [](const OrtCustomOp*, size_t i) {
-      return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
-                    : i == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      return i == 1 || i == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
+                              : i == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     };
     GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
       return i >= 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;

@@ -44,7 +44,8 @@ void compute(GatherKernel& k, OrtKernelContext* ctx) {
       throw OpError(ORT_INVALID_ARGUMENT, m.str());
     }
     if (t < 0) t += s.N;  // ONNX Gather counts negative indices from the end
-    // decode_block adds α·c_k itself when the table has a center (§5.1): the rows are the numpy decoder's bits.
+    // decode_block adds α·c_k itself when the table has a center (§5.1) and puts in the outliers (§5.2): the rows
+    // are the numpy decoder's bits.
     for (int64_t b = 0; b < nb; ++b) decode_block(k.weight, t * nb + b, column.data() + b * s.block_size);
     std::copy(column.begin(), column.begin() + s.K, out + i * s.K);
   }
@@ -54,11 +55,11 @@ struct RbeGatherOp : OrtCustomOp {
   RbeGatherOp() : OrtCustomOp{} {
     init_op_defaults(*this);
     GetName = [](const OrtCustomOp*) { return "RBEGather"; };
-    // indices, codes, center (optional, FORMAT.md §5.1), seeds (optional, §2.2).
-    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 4; };
+    // indices, codes, center (optional, FORMAT.md §5.1), seeds (optional, §2.2), outliers (optional, §5.2).
+    GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 5; };
     GetInputType = [](const OrtCustomOp*, size_t i) {
-      return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
-                    : i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+      return i == 1 || i == 4 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
+                              : i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
     };
     GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
       return i >= 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
@@ -71,7 +72,7 @@ struct RbeGatherOp : OrtCustomOp {
         auto kernel = std::make_unique<GatherKernel>();
         kernel->api = api;
         kernel->name = name;
-        kernel->weight = read_weight(*api, info, 1, 2, 3);
+        kernel->weight = read_weight(*api, info, 1, 2, 3, 4);
         *out = kernel.release();
       });
     };
