@@ -56,6 +56,9 @@ class BoundGpt2:
         self.capacity = 0
         self.past_len = 0
         self._side = 0  # which half of `_cache` holds the current past
+        # The presents bound by the last step: the same memory and shape as this step's pasts, so they are bound
+        # again as they are (wrapping 48 arrays costs about 80 µs a step for 12 layers, binding them 35).
+        self._presents: list | None = None
 
     def reset(self, batch: int, capacity: int) -> None:
         """Start a new generation for `batch` rows of at most `capacity` positions (prompt + new tokens)."""
@@ -67,6 +70,7 @@ class BoundGpt2:
         if self._decode_logits.shape[0] != batch:
             self._decode_logits = np.empty((batch, 1, s.vocab_size), dtype=np.float32)
         self.batch, self.capacity, self.past_len, self._side = batch, capacity, 0, 0
+        self._presents = None
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         """Run `input_ids` [batch, seq] after the cached past; `attention_mask` covers past + seq.
@@ -91,10 +95,15 @@ class BoundGpt2:
         present_shape = (batch, s.n_head, total, s.head_dim)
         n_past, n_present = int(np.prod(past_shape)), int(np.prod(present_shape))
         src, dst = self._cache[self._side], self._cache[1 - self._side]
-        for j, (past, present) in enumerate(zip(self._past, self._present)):
-            io.bind_ortvalue_input(past, self._wrap(src[j, :n_past].reshape(past_shape)))
-            io.bind_ortvalue_output(present, self._wrap(dst[j, :n_present].reshape(present_shape)))
+        pasts = self._presents or [self._wrap(src[j, :n_past].reshape(past_shape)) for j in range(len(self._past))]
+        presents = [self._wrap(dst[j, :n_present].reshape(present_shape)) for j in range(len(self._present))]
+        for name, value in zip(self._past, pasts):
+            io.bind_ortvalue_input(name, value)
+        for name, value in zip(self._present, presents):
+            io.bind_ortvalue_output(name, value)
+        self._presents = None  # if the run fails, the next step wraps the pasts afresh
         self.session.run_with_iobinding(io)
+        self._presents = presents
         self._side = 1 - self._side
         self.past_len = total
         return logits[:, -1, :]
