@@ -129,7 +129,8 @@ def with_center(w: RBEWeight, rng, scale: float = 0.05, specials: bool = False) 
 
 
 def kernel_weight(w: RBEWeight):
-    return _kernels.Weight(w.seeds, w.codes, w.K, w.N, w.block_size, w.bits, w.scale0, center=w.center)
+    return _kernels.Weight(w.seeds, w.codes, w.K, w.N, w.block_size, w.bits, w.scale0, center=w.center,
+                           outliers=w.outliers)
 
 
 def center_term(w: RBEWeight) -> np.ndarray:

@@ -9,13 +9,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rbe_onnx import _kernels, get_library_path
-from rbe_onnx.codec import FormatError, decode, encode
+from rbe_onnx.codec import FormatError, decode
 from rbe_onnx.codec.gptq import encode_gptq
 from rbe_onnx.codec.outliers import BITS_PER_OUTLIER, pack_records, unpack_records
 from rbe_onnx.codec.seed import unpack_seeds
 from rbe_onnx.compressor import encode_weight
 from test_codec import real_gpt2_weights
-from test_kernels import SIMD, center_term, with_center
+from test_kernels import SIMD, center_term, kernel_weight, with_center
 
 SEED_COUNT_SHIFT = np.uint64(32)
 
@@ -32,11 +32,6 @@ def without_outliers(w):
     """The same codes and seeds with the outlier counts cleared: what the codes alone decode to."""
     u = w.seeds.view(np.uint64) & ~(np.uint64(0xFF) << SEED_COUNT_SHIFT)
     return dataclasses.replace(w, seeds=u.view(np.int64), outliers=None)
-
-
-def kernel_weight(w):
-    return _kernels.Weight(w.seeds, w.codes, w.K, w.N, w.block_size, w.bits, w.scale0, center=w.center,
-                           outliers=w.outliers)
 
 
 def test_records_round_trip():
