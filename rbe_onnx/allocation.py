@@ -54,6 +54,10 @@ class CenterFits:
             self._fits[block_size] = fit_center(self.W, block_size)
         return self._fits[block_size]
 
+    def computed(self) -> dict[int, tuple]:
+        """The fits made so far by block size (without the weight, which the caller may then drop)."""
+        return dict(self._fits)
+
 
 def _residual(W: np.ndarray, block_size: int, use_center: bool, cols: np.ndarray | None = None,
               fits: CenterFits | None = None) -> np.ndarray:
@@ -188,9 +192,10 @@ class OutputDistortion:
 
 def plan_settings(model: onnx.ModelProto, groups: list[list], hessians: list[np.ndarray | None],
                   batches: list[tuple[dict, np.ndarray]], target_bpw: float, center: bool = True,
-                  progress: bool = True, seed: int = 0) -> list[tuple[int, int]]:
+                  progress: bool = True, seed: int = 0) -> tuple[list[tuple[int, int]], list[dict[int, tuple]]]:
     """(bits, block_size) for each group of candidates sharing one weight (compressor._group_identical), so
-    that the encoded groups take at most `target_bpw` bits per weight in all."""
+    that the encoded groups take at most `target_bpw` bits per weight in all; and per group the center fits
+    (fit_center's result by block size) the measurements computed, for the encoder to reuse."""
     from tqdm import tqdm
 
     from .passes.fused_gemm import weight_matrix
@@ -201,6 +206,7 @@ def plan_settings(model: onnx.ModelProto, groups: list[list], hessians: list[np.
     names = [c.weight_name for g in groups for c in g]
     distortion = OutputDistortion(model, names, batches)
     choices: dict[int, Choice] = {}
+    center_fits: list[dict[int, tuple]] = []
     weights = 0
     for i, (group, H) in enumerate(tqdm(list(zip(groups, hessians)), desc="sensitivity", unit="weight",
                                          disable=not progress)):
@@ -217,5 +223,6 @@ def plan_settings(model: onnx.ModelProto, groups: list[list], hessians: list[np.
         choices[i] = Choice(bits=PROBE[0], block_size=PROBE[1], use_center=use_c, probe_distortion=probe,
                             options=[(b, bs, stored_bytes(K, N, b, bs, use_c), probe * ratios[(b, bs)])
                                      for b, bs in LADDER])
+        center_fits.append(fits.computed())
     allocate(choices, target_bpw * weights / 8)
-    return [(choices[i].bits, choices[i].block_size) for i in range(len(groups))]
+    return [(choices[i].bits, choices[i].block_size) for i in range(len(groups))], center_fits

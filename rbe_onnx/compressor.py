@@ -75,13 +75,16 @@ def _group_identical(model: onnx.ModelProto, eligible: list[Candidate]) -> list[
 
 
 def encode_weight(W: np.ndarray, bits: int, block_size: int, H: np.ndarray | None = None, damp: float = GPTQ_DAMP,
-                  center: bool = True, outlier_fraction: float = 0.0) -> RBEWeight:
+                  center: bool = True, outlier_fraction: float = 0.0,
+                  center_fits: dict[int, tuple] | None = None) -> RBEWeight:
     """One weight's encoding: with a center vector (FORMAT.md §5.1) where it removes enough of the weight's
     energy and `center` allows it, error-feedback rounding where a Hessian is given, nearest level otherwise,
-    and about `outlier_fraction` of the weights kept exactly (§5.2)."""
+    and about `outlier_fraction` of the weights kept exactly (§5.2). center_fits: fit_center(W, ·) results by
+    block size already computed (the allocation's), used instead of fitting again."""
     fitted = None
     if center:
-        c, alpha, removed = fit_center(W, block_size)
+        known = (center_fits or {}).get(block_size)
+        c, alpha, removed = known if known is not None else fit_center(W, block_size)
         if removed >= MIN_ENERGY_REMOVED:
             fitted = (c, alpha)
             W = W - center_term(c, alpha, W.shape[0], block_size)
@@ -143,6 +146,7 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
     # A Gather has no activation statistics; a tied matrix takes its MatMul's (the lm_head's).
     group_h = [next((hessians[c.node.input[0]] for c in g if c.node.input[0] in hessians), None) for g in groups]
     settings = [(bits, block_size)] * len(groups)
+    center_fits: list[dict[int, tuple] | None] = [None] * len(groups)
     if target_bpw is not None:
         from .allocation import plan_settings
         from .calibration import calibration_batches
@@ -152,17 +156,18 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
         if code_bpw <= 0:
             raise ValueError(f"--target-bpw {target_bpw} leaves nothing for the codes after outliers of "
                              f"{BITS_PER_OUTLIER * outlier_fraction:.3g} bits/weight")
-        settings = plan_settings(model, groups, group_h, batches, code_bpw, center=center, progress=progress)
+        settings, center_fits = plan_settings(model, groups, group_h, batches, code_bpw, center=center,
+                                              progress=progress)
     encoded: dict[tuple[str, bool], RBEWeight] = {}
     errors: dict[tuple[str, bool], float] = {}
-    for group, H, (g_bits, g_bs) in tqdm(list(zip(groups, group_h, settings)), desc="encoding", unit="weight",
-                                         disable=not progress):
+    for group, H, (g_bits, g_bs), fits in tqdm(list(zip(groups, group_h, settings, center_fits)), desc="encoding",
+                                               unit="weight", disable=not progress):
         W = weight_matrix(model, group[0])
         # A table that is also gathered is read row by row, where every weight's own error shows: pull the
         # error feedback towards plain rounding with a strong identity term (dampening) for it.
         tied = any(c.node.op_type == "Gather" for c in group)
         w = encode_weight(W, g_bits, g_bs, H, damp=TIED_DAMP if tied else GPTQ_DAMP, center=center,
-                          outlier_fraction=outlier_fraction)
+                          outlier_fraction=outlier_fraction, center_fits=fits)
         err = float(np.linalg.norm(decode(w) - W) / max(np.linalg.norm(W), 1e-30))
         for c in group:
             encoded[c.key], errors[c.key] = w, err

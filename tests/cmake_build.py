@@ -9,15 +9,17 @@ from pathlib import Path
 import pytest
 
 
-def cmake_build(source: Path, build: Path, *configure_args: str, target: str | None = None,
+def cmake_build(source: Path, build: Path, *configure_args: str, target: str | list[str] | None = None,
                 timeout: float | None = None, hints: dict[str, str] | None = None) -> None:
-    """hints: output substring -> advice appended to the failure message when the output contains it."""
+    """target: one target or several (default: all); hints: output substring -> advice appended to the failure
+    message when the output contains it."""
     cmake = shutil.which("cmake")
     if cmake is None:
         pytest.fail("cmake not found (pip install -r requirements-dev.txt)", pytrace=False)
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     configure = [cmake, "-S", str(source), "-B", str(build), *generator, *configure_args]
-    compile_ = [cmake, "--build", str(build), *(["--target", target] if target else []), "-j", "2"]
+    targets = [target] if isinstance(target, str) else list(target or [])
+    compile_ = [cmake, "--build", str(build), *(["--target", *targets] if targets else []), "-j", "2"]
     for cmd in (configure, compile_):
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if out.returncode != 0:

@@ -201,6 +201,12 @@ def test_center_vector_cuts_the_token_embedding_error(shared_data):
     # decode = the residual's decode + the center term, as the spec writes it (float32 sum)
     c, alpha, removed = fit_center(W, 256)
     assert removed > 0.5
+    # --target-bpw hands the allocation's fits to the encoder: the same encoding, without fitting again; and a
+    # fit that removes nothing is taken as given (no center), so the handed-over fit is the one used
+    reused = encode_weight(W, 3, 256, center_fits={256: (c, alpha, removed)})
+    np.testing.assert_array_equal(reused.codes, centered.codes)
+    np.testing.assert_array_equal(reused.seeds, centered.seeds)
+    assert encode_weight(W, 3, 256, center_fits={256: (0 * c, 0 * alpha, 0.0)}).center is None
     residual = dataclasses.replace(centered, center=None, seeds=np.ascontiguousarray(
         (centered.seeds.view(np.uint64) & ~(np.uint64(0xFFFF) << np.uint64(40))).view(np.int64)))
     np.testing.assert_array_equal(decode(centered), decode(residual) + center_term(c, alpha, W.shape[0], 256))

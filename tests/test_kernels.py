@@ -68,6 +68,12 @@ def test_gemm_rejects_wrong_activation_width():
         cpp.gemm(np.ones((2, 65), np.float32))
     with pytest.raises(ValueError, match="unknown kernel ISA"):
         cpp.gemm(np.ones((2, 64), np.float32), isa="sse9")
+    # the timed product tools/bench.py uses checks its input the same way
+    with pytest.raises(ValueError, match="K=64"):
+        cpp.gemm_seconds(np.ones((1, 65), np.float32))
+    with pytest.raises(ValueError, match="accuracy_level=7"):
+        cpp.gemm_seconds(np.ones((1, 64), np.float32), accuracy_level=7)
+    assert 0 < cpp.gemm_seconds(np.ones((1, 64), np.float32), threads=2, accuracy_level=4) < 1
 
 
 def quantize_int8_spec(A: np.ndarray, block_size: int):

@@ -38,12 +38,13 @@ def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
 
 
 def _build_kernel_test(build_dir: Path, *extra_args: str) -> Path:
-    """Configures custom_ops with only rbe_core + rbe_kernel_test and builds it with -j2."""
-    cmake_build(CUSTOM_OPS, build_dir, "-DCMAKE_BUILD_TYPE=Release", "-DRBE_BUILD_TESTS=ON",
-                "-DRBE_BUILD_ORT_OP=OFF", "-DRBE_BUILD_PYTHON=OFF", *extra_args, target="rbe_kernel_test",
-                timeout=BUILD_TIMEOUT_S)
+    """Configures custom_ops with only rbe_core, rbe_kernel_test and the GEMV micro-benchmark (built so that it
+    keeps compiling on both architectures; BENCHMARKS.md runs it) and builds them with -j2."""
+    cmake_build(CUSTOM_OPS, build_dir, "-DCMAKE_BUILD_TYPE=Release", "-DRBE_BUILD_TESTS=ON", "-DRBE_BUILD_BENCH=ON",
+                "-DRBE_BUILD_ORT_OP=OFF", "-DRBE_BUILD_PYTHON=OFF", *extra_args,
+                target=["rbe_kernel_test", "rbe_gemv_bench"], timeout=BUILD_TIMEOUT_S)
     binary = build_dir / "rbe_kernel_test"
-    assert binary.is_file(), f"build succeeded but {binary} is missing"
+    assert binary.is_file() and (build_dir / "rbe_gemv_bench").is_file(), f"build succeeded but {binary} is missing"
     return binary
 
 

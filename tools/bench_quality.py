@@ -42,12 +42,9 @@ def rbe(src: Path, out: Path, bits: int, block: int, calibrate: bool, target: fl
     from rbe_onnx.compressor import read_report, rewrite, totals
 
     if not out.exists():
-        if target is None:
-            rewrite(src, out, bits=bits, block_size=block, calibrate=calibrate, distill_steps=distill,
-                    outlier_fraction=outliers, progress=False)
-        else:
-            rewrite(src, out, target_bpw=target, calibrate=True, distill_steps=distill, outlier_fraction=outliers,
-                    progress=False)
+        fixed = {} if target is not None else {"bits": bits, "block_size": block}  # a target picks its own
+        rewrite(src, out, **fixed, target_bpw=target, calibrate=calibrate, distill_steps=distill,
+                outlier_fraction=outliers, progress=False)
     return totals(read_report(out))["bits_per_weight"]
 
 

@@ -160,25 +160,42 @@ rbe::ParallelFor thread_pool(int threads) {
   };
 }
 
-py::array_t<float> gemm(const Weight& self, const F32& a, py::object bias, const std::string& isa, int threads,
-                        int accuracy_level) {
+// Y = A·W (+ bias) into y ([M, N], allocated by the caller); returns the seconds the C++ call took.
+double gemm_into(const Weight& self, const F32& a, py::object bias, const std::string& isa, int threads,
+                 int accuracy_level, py::array_t<float>& y) {
   const rbe::WeightShape& s = self.w.shape;
-  if (a.ndim() != 2 || a.shape(1) != s.K)
-    throw rbe::FormatError("A must be 2-D with K=" + std::to_string(s.K) + " columns");
   F32 b;
   if (!bias.is_none()) {
     b = bias.cast<F32>();
     if (b.ndim() != 1 || b.shape(0) != s.N) throw rbe::FormatError("bias must have shape [N]");
   }
-  const int64_t M = a.shape(0);
-  py::array_t<float> y({M, s.N});
   const rbe::Isa which = rbe::isa_from_name(isa);
   const float* bp = bias.is_none() ? nullptr : b.data();
-  {
-    py::gil_scoped_release release;
-    rbe::gemm(self.w, a.data(), M, bp, y.mutable_data(), which, thread_pool(threads), accuracy_level);
-  }
+  py::gil_scoped_release release;
+  const auto start = std::chrono::steady_clock::now();
+  rbe::gemm(self.w, a.data(), a.shape(0), bp, y.mutable_data(), which, thread_pool(threads), accuracy_level);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+py::array_t<float> output_for(const Weight& self, const F32& a) {
+  const rbe::WeightShape& s = self.w.shape;
+  if (a.ndim() != 2 || a.shape(1) != s.K)
+    throw rbe::FormatError("A must be 2-D with K=" + std::to_string(s.K) + " columns");
+  return py::array_t<float>({static_cast<int64_t>(a.shape(0)), s.N});
+}
+
+py::array_t<float> gemm(const Weight& self, const F32& a, py::object bias, const std::string& isa, int threads,
+                        int accuracy_level) {
+  py::array_t<float> y = output_for(self, a);
+  gemm_into(self, a, bias, isa, threads, accuracy_level, y);
   return y;
+}
+
+// The same product, timed inside C++ (activation quantization, the thread hand-off and the kernel, not
+// Python's per-call overhead of a few microseconds): what tools/bench.py reports for the kernels alone.
+double gemm_seconds(const Weight& self, const F32& a, const std::string& isa, int threads, int accuracy_level) {
+  py::array_t<float> y = output_for(self, a);
+  return gemm_into(self, a, py::none(), isa, threads, accuracy_level, y);
 }
 
 // accuracy_level 4's activation quantization (FORMAT.md §2.1) of an M x K array: (q [M, nb·block_size] int8,
@@ -213,6 +230,8 @@ PYBIND11_MODULE(_kernels, m) {
            py::arg("outliers") = py::none())
       .def("gemm", &gemm, py::arg("a"), py::arg("bias") = py::none(), py::arg("isa") = "auto",
            py::arg("threads") = 1, py::arg("accuracy_level") = 0)
+      .def("gemm_seconds", &gemm_seconds, py::arg("a"), py::arg("isa") = "auto", py::arg("threads") = 1,
+           py::arg("accuracy_level") = 0)
       .def("decode", &decode);
   m.def("level_table", &rbe::level_table, py::arg("bits"), py::arg("theta"));
   m.def("quantize_int8", &quantize_int8, py::arg("a"), py::arg("block_size"));

@@ -61,27 +61,27 @@ namespace {
 constexpr int64_t kOutlierRecordBytes = 3;  // row in block, binary16 value little-endian (§5.2)
 
 // §5.2's records against the seeds' counts: length, rows inside the block and K, ascending, finite values.
-void prepare_outliers(PreparedWeight& w, const int64_t* seeds, const uint8_t* records, int64_t n_bytes) {
+void prepare_outliers(PreparedWeight& w, const uint8_t* records, int64_t n_bytes) {
   const WeightShape& s = w.shape;
   const int64_t nb = s.blocks_per_column(), n_blocks = s.N * nb;
-  int64_t total = 0;
-  for (int64_t i = 0; i < n_blocks; ++i) total += unpack_seed(static_cast<uint64_t>(seeds[i])).outliers;
+  const int64_t total = w.outlier_first[n_blocks];
   if (n_bytes != kOutlierRecordBytes * total) {
     std::ostringstream m;
     m << "outliers must hold 3 x " << total << " (the seeds' outlier counts) = " << kOutlierRecordBytes * total
       << " bytes, got " << n_bytes;
     fail(m.str());
   }
-  if (total == 0) return;
-  w.outlier_first.resize(static_cast<size_t>(n_blocks + 1));
+  if (total == 0) {
+    w.outlier_first.clear();  // no outliers: every outlier table empty, as without the input
+    return;
+  }
   w.outlier_k.resize(static_cast<size_t>(total));
   w.outlier_value.resize(static_cast<size_t>(total));
   w.outlier_delta.resize(static_cast<size_t>(total));
   std::vector<uint8_t> codes(static_cast<size_t>(s.block_size));
   int64_t j = 0;
   for (int64_t blk = 0; blk < n_blocks; ++blk) {
-    w.outlier_first[blk] = j;
-    const int64_t count = unpack_seed(static_cast<uint64_t>(seeds[blk])).outliers;
+    const int64_t count = w.outlier_first[blk + 1] - w.outlier_first[blk];
     if (count == 0) continue;
     unpack_block_codes(w.codes + blk * s.block_bytes(), static_cast<int>(s.bits), static_cast<int>(s.block_size),
                        codes.data());
@@ -105,7 +105,6 @@ void prepare_outliers(PreparedWeight& w, const int64_t* seeds, const uint8_t* re
       w.outlier_delta[j] = w.outlier_value[j] - w.scale[blk] * static_cast<float>(L[codes[row]] + w.offset[blk]);
     }
   }
-  w.outlier_first[n_blocks] = j;
 }
 
 }  // namespace
@@ -165,6 +164,8 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
     w.center.assign(static_cast<size_t>(shape.padded_K()), 0.f);
     std::copy(center, center + shape.K, w.center.begin());
   }
+  // The seeds' outlier counts as prefix sums; prepare_outliers checks the records against them.
+  if (outliers != nullptr) w.outlier_first.assign(static_cast<size_t>(n_blocks + 1), 0);
   for (int64_t i = 0; i < n_blocks; ++i) {
     const SeedFields f = unpack_seed(static_cast<uint64_t>(seeds[i]));
     const char* bad = nullptr;
@@ -187,6 +188,7 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
     w.scale[i] = static_cast<float>(d);
     w.offset[i] = static_cast<float>(f.offset);
     w.theta[i] = static_cast<uint8_t>(f.theta);
+    if (outliers != nullptr) w.outlier_first[i + 1] = w.outlier_first[i] + f.outliers;
     if (has_center) w.alpha[(i % nb) * shape.N + i / nb] = half_to_float(static_cast<uint16_t>(f.alpha_bits));
     if (!std::isfinite(w.scale[i])) {
       std::ostringstream m;
@@ -200,7 +202,7 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
     if (shape.bits != 8)
       for (size_t c = 0; c < w.levels[t].size(); ++c) w.lut[t][c] = static_cast<int8_t>(w.levels[t][c]);
   }
-  if (outliers != nullptr) prepare_outliers(w, seeds, outliers, n_outlier_bytes);
+  if (outliers != nullptr) prepare_outliers(w, outliers, n_outlier_bytes);
   return w;
 }
 

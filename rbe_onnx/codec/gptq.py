@@ -54,8 +54,9 @@ def encode_gptq(W: np.ndarray, H: np.ndarray, bits: int = 4, block_size: int = 6
         k0, k1 = b * block_size, min(K, (b + 1) * block_size)
         # Seeds for this block from the weights as the earlier blocks' error feedback left them; outliers
         # stand in as their column's median so that they do not stretch the range.
-        exact = outliers.select(W[k0:k1], outlier_fraction)
-        fit = np.where(exact, np.median(W[k0:k1], axis=0, keepdims=True), W[k0:k1]) if exact.any() else W[k0:k1]
+        med = np.median(W[k0:k1], axis=0, keepdims=True) if outlier_fraction > 0 else None
+        exact = outliers.select(W[k0:k1], outlier_fraction, median=med)
+        fit = np.where(exact, med, W[k0:k1]) if exact.any() else W[k0:k1]
         block = encode(fit.astype(np.float32), bits=bits, block_size=block_size, scale0=scale0)
         f = unpack_seeds(block.seeds[:, 0])
         rho = f["rho"]

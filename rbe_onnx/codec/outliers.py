@@ -71,15 +71,15 @@ def attach(w, blocks: np.ndarray, rows: np.ndarray, values: np.ndarray):
                                outliers=pack_records(rows, values) if rows.size else None)
 
 
-def select(block: np.ndarray, fraction: float) -> np.ndarray:
+def select(block: np.ndarray, fraction: float, median: np.ndarray | None = None) -> np.ndarray:
     """Bool mask of the weights of one row block [rows, N] to keep exactly: the `fraction` of them that lie
     farthest from their column's bulk (distance from the median in units of the column block's RMS), at most
-    MAX_PER_BLOCK per column."""
+    MAX_PER_BLOCK per column. `median`: the block's column medians [1, N], when the caller has them."""
     rows, N = block.shape
     keep = int(round(fraction * block.size))
     if keep <= 0:
         return np.zeros(block.shape, bool)
-    med = np.median(block, axis=0, keepdims=True)
+    med = np.median(block, axis=0, keepdims=True) if median is None else median
     rms = np.sqrt(np.mean(block * block, axis=0, keepdims=True))
     score = np.abs(block - med) / np.where(rms > 0, rms, 1.0)
     flat = score.reshape(-1)

@@ -40,7 +40,9 @@ inline __m256i group_codes(const uint8_t* p) {
   }
 }
 
-// The byte-codes of one chunk of CH codes (CH = chunk_of<BITS>): codes 32v .. 32v+31 in out[v].
+// The byte-codes of one chunk of CH codes (CH = chunk_of<BITS>): codes 32v .. 32v+31 in out[v], as pshufb
+// indices: a code in bits 0-3 and bit 7 clear, bits 4-6 possibly not zero (pshufb ignores them, and every
+// consumer is a table lookup).
 // A 3-bit code is (low-plane bits) | (high-plane bit) << 2. Per vector, the low bits are a shift and a mask
 // of the low plane; the high bit is a per-lane variable shift of a broadcast of the high plane that brings
 // the bit this lane needs to bit 2 of every byte, and a mask. A right shift by s puts bit 2 + s of each byte
@@ -54,20 +56,25 @@ inline void chunk_codes(const uint8_t* p, __m256i out[CH / 32]) {
     if constexpr (CH == 128) {
       // Low plane: 32 bytes, field v (bits 2v, 2v+1) of byte t is code 32v + t. High plane: 16 bytes, bit u
       // of byte j is code j + 16u, so vector v needs bit 2v in the low lane (codes 32v .. 32v+15) and 2v + 1
-      // in the high lane. h0, the plane shifted left by 2 and 1, has it at bit 2v + 2 for v = 0, 1, 2, just
-      // above the field: vectors 1 and 2 mask field and bit in place and shift both down at once (the
-      // 16-bit shift brings in only masked-off bits). Vector 3's bit would land at bit 8: a shift of its
-      // own. 17 operations per 128 codes.
+      // in the high lane. The vectors are built in pairs (0, 2) and (1, 3) in the two nibbles of one byte:
+      // fields v and v + 2 sit 4 bits apart in the low plane, and so do the high bits the pair needs in the
+      // high plane (bits 2v, 2v + 4 of the low lane; 2v + 1, 2v + 5 of the high lane), so one shift of the
+      // high plane puts both at bits 2 and 6, and one and-and-or builds both indices at once. Vector v + 2
+      // is that byte's high nibble shifted down by a 16-bit shift, which drags the next byte's low bits into
+      // bits 4-7: bit 7 is the next byte's bit 3, masked to 0, and bits 4-6 are ignored by pshufb. 11
+      // operations per 128 codes (17 when each vector was masked clean).
       const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
       const __m256i hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)));
-      const __m256i h0 = _mm256_sllv_epi32(hi, _mm256_setr_epi32(2, 2, 2, 2, 1, 1, 1, 1));
-      const __m256i h3 = _mm256_srlv_epi32(hi, _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5));
-      out[0] = _mm256_or_si256(_mm256_and_si256(lo, m3), _mm256_and_si256(h0, m4));
-      out[1] = _mm256_srli_epi16(_mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi8(0x0C)),
-                                                 _mm256_and_si256(h0, _mm256_set1_epi8(0x10))), 2);
-      out[2] = _mm256_srli_epi16(_mm256_or_si256(_mm256_and_si256(lo, _mm256_set1_epi8(0x30)),
-                                                 _mm256_and_si256(h0, _mm256_set1_epi8(0x40))), 4);
-      out[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 6), m3), _mm256_and_si256(h3, m4));
+      const __m256i fields = _mm256_set1_epi8(0x33), high = _mm256_set1_epi8(0x44);
+      const __m256i h02 = _mm256_sllv_epi32(hi, _mm256_setr_epi32(2, 2, 2, 2, 1, 1, 1, 1));
+      const __m256i h13 = _mm256_srlv_epi32(hi, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+      const __m256i i02 = _mm256_or_si256(_mm256_and_si256(lo, fields), _mm256_and_si256(h02, high));
+      const __m256i i13 =
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 2), fields), _mm256_and_si256(h13, high));
+      out[0] = i02;
+      out[1] = i13;
+      out[2] = _mm256_srli_epi16(i02, 4);
+      out[3] = _mm256_srli_epi16(i13, 4);
     } else if constexpr (CH == 64) {
       // Low plane: 16 bytes, field f of byte j is code 16f + j: in both lanes, lane L of vector v shifted by
       // 2·(2v + L). High plane: 8 bytes, bit u of byte j is code j + 8u: in all four 64-bit lanes, lane q

@@ -1,0 +1,183 @@
+// GEMV kernels (M = 1) timed in C++ alone, without Python, ORT or a model around them: the tool for kernel
+// work, where a change of a few percent drowns in tools/bench.py's run-to-run spread.
+//
+//   rbe_gemv_bench [isa]        isa: auto (default), avx2, avxvnni, neon, scalar
+//
+// For each setting (bits/block, accuracy level) it prints
+//   hot:  ns per 256 weights of one 768 x 3072 weight read over and over (it stays in L2): compute alone;
+//   cold: ms per decode step of GPT-2 small's 49 matrices, after reading 512 MB of other memory (so the step
+//         streams its weights from DRAM), with 1 and 2 threads, and the GB/s of codes + seeds that is;
+//   read: the same bytes' codes only, summed with the same column split: what memory gives a plain stream.
+// Medians of 15 repetitions. Seeds and codes are random and valid (speed does not depend on the values).
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "rbe/format.h"
+#include "rbe/kernels.h"
+
+namespace {
+
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+struct Matrix {
+  std::vector<int64_t> seeds;
+  std::vector<uint8_t> codes;
+  rbe::PreparedWeight w;
+};
+
+// FORMAT.md §3: rho | theta << 16 | offset << 20 | width << 28 | tag 0xB2 << 56.
+int64_t seed(std::mt19937_64& g, int bits) {
+  const uint64_t rho = g() % 2000, theta = bits == 8 ? rbe::kUniformTheta : g() % 16, offset = (g() % 16) - 8;
+  return static_cast<int64_t>(rho | theta << 16 | (offset & 0xFF) << 20 | uint64_t(bits) << 28 |
+                              uint64_t{rbe::kSeedTag} << 56);
+}
+
+Matrix make_matrix(std::mt19937_64& g, int64_t K, int64_t N, int bits, int block) {
+  Matrix m;
+  rbe::WeightShape s;
+  s.K = K, s.N = N, s.block_size = block, s.bits = bits, s.scale0 = 1e-3f;
+  m.seeds.resize(static_cast<size_t>(N * s.blocks_per_column()));
+  for (auto& v : m.seeds) v = seed(g, bits);
+  m.codes.resize(static_cast<size_t>(s.code_bytes()));
+  for (size_t i = 0; i < m.codes.size(); i += 8) {
+    const uint64_t r = g();
+    std::memcpy(m.codes.data() + i, &r, std::min<size_t>(8, m.codes.size() - i));
+  }
+  m.w = rbe::prepare_weight(s, m.seeds.data(), static_cast<int64_t>(m.seeds.size()), m.codes.data(),
+                            static_cast<int64_t>(m.codes.size()));
+  return m;
+}
+
+// Two threads: this one and a helper spinning for work, as ORT's pool does between the nodes of a step.
+class Pool {
+ public:
+  Pool() : helper_([this] { loop(); }) {}
+  ~Pool() {
+    quit_ = true;
+    helper_.join();
+  }
+  void run(size_t n, const std::function<void(size_t)>& task) {
+    n_ = n, next_ = 0, done_ = false;
+    job_ = &task;
+    drain(task);
+    while (!done_) spin_pause();
+  }
+
+ private:
+  void drain(const std::function<void(size_t)>& task) {
+    for (size_t i; (i = next_++) < n_;) task(i);
+  }
+  void loop() {
+    while (!quit_) {
+      const std::function<void(size_t)>* job = job_.exchange(nullptr);
+      if (!job) {
+        spin_pause();
+        continue;
+      }
+      drain(*job);
+      done_ = true;
+    }
+  }
+  std::atomic<const std::function<void(size_t)>*> job_{nullptr};
+  std::atomic<size_t> n_{0}, next_{0};
+  std::atomic<bool> done_{false}, quit_{false};
+  std::thread helper_;
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Reads a buffer larger than any cache, untimed, before each cold repetition.
+void evict_caches() {
+  static std::vector<uint64_t> junk(size_t{64} << 20, 1);  // 512 MB
+  static std::atomic<uint64_t> sink{0};
+  uint64_t s = 0;
+  for (uint64_t v : junk) s += v;
+  sink += s;
+}
+
+template <class F>
+double time_median(F&& f, bool cold, int reps = 15) {
+  std::vector<double> t;
+  for (int r = 0; r < reps; ++r) {
+    if (cold) evict_caches();
+    const auto t0 = std::chrono::steady_clock::now();
+    f(r);
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return median(t);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const rbe::Isa isa = rbe::isa_from_name(argc > 1 ? argv[1] : "auto");
+  std::printf("isa %s\n", rbe::isa_name(isa));
+  std::vector<std::pair<int64_t, int64_t>> shapes;  // GPT-2 small, graph order
+  for (int layer = 0; layer < 12; ++layer)
+    for (auto kn : {std::pair<int64_t, int64_t>{768, 2304}, {768, 768}, {768, 3072}, {3072, 768}}) shapes.push_back(kn);
+  shapes.push_back({768, 50257});
+  std::mt19937_64 g(1);
+  std::vector<float> a(3072), y(50257);
+  for (auto& x : a) x = std::normal_distribution<float>()(g);
+  Pool pool;
+  const rbe::ParallelFor two = [&pool](size_t n, const std::function<void(size_t)>& task) { pool.run(n, task); };
+  const struct { int bits, block, level; } configs[] = {{4, 64, 0}, {4, 64, 4}, {4, 128, 4}, {3, 256, 4}, {3, 128, 4}};
+  for (const auto& c : configs) {
+    const Matrix hot = make_matrix(g, 768, 3072, c.bits, c.block);
+    const double t_hot = time_median([&](int) {
+      for (int i = 0; i < 100; ++i) rbe::gemm(hot.w, a.data(), 1, nullptr, y.data(), isa, rbe::serial_for, c.level);
+    }, false) / 100;
+    std::vector<Matrix> step;
+    double bytes = 0, code_bytes = 0;  // per step: codes + seeds (what the kernel streams), codes alone
+    for (auto [K, N] : shapes) {
+      step.push_back(make_matrix(g, K, N, c.bits, c.block));
+      bytes += static_cast<double>(step.back().codes.size() + 8 * step.back().seeds.size());
+      code_bytes += static_cast<double>(step.back().codes.size());
+    }
+    std::printf("%d-bit/%d %s  hot %.2f ns/256 weights\n", c.bits, c.block, c.level == 4 ? "int8 " : "float",
+                t_hot * 1e9 / (768.0 * 3072 / 256));
+    for (int threads : {1, 2}) {
+      const rbe::ParallelFor& pf = threads == 1 ? rbe::ParallelFor(rbe::serial_for) : two;
+      const double t_cold = time_median([&](int) {
+        for (const Matrix& m : step) rbe::gemm(m.w, a.data(), 1, nullptr, y.data(), isa, pf, c.level);
+      }, true);
+      std::atomic<uint64_t> sink{0};
+      const double t_read = time_median([&](int) {
+        for (const Matrix& m : step) {
+          const size_t n = m.codes.size() / 32 * 32, part = n / 4 / 32 * 32;  // four tasks, as the GEMV's split
+          pf(4, [&](size_t t) {
+            uint64_t s = 0;
+            const size_t end = t == 3 ? n : (t + 1) * part;
+            for (size_t k = t * part; k < end; k += 8) {
+              uint64_t v;
+              std::memcpy(&v, m.codes.data() + k, 8);
+              s += v;
+            }
+            sink += s;
+          });
+        }
+      }, true);
+      std::printf("  %d thread%s  cold %.3f ms/step = %.1f GB/s   read of the codes %.3f ms = %.1f GB/s\n",
+                  threads, threads == 1 ? " " : "s", t_cold * 1e3, bytes / t_cold / 1e9, t_read * 1e3,
+                  code_bytes / t_read / 1e9);
+    }
+  }
+}
