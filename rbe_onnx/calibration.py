@@ -73,6 +73,26 @@ def calibration_batches(model_dir: Path, tokens: int, batch: int = 4,
     return batches
 
 
+def token_counts(model_dir: Path, split: str = CALIBRATION_SPLIT) -> np.ndarray:
+    """How often each vocabulary entry occurs in WikiText-2 valid, tokenized whole, [vocab size] int64: GPT-2
+    as running text, BERT as the paragraphs calibration_batches feeds (with [CLS]/[SEP], not truncated)."""
+    _check_split(split)
+    from .datasets import wikitext2_rows, wikitext2_text
+
+    info = _export_info(model_dir)
+    tok = _tokenizer(model_dir)
+    tok.no_truncation()
+    tok.no_padding()
+    counts = np.zeros(tok.get_vocab_size(), dtype=np.int64)
+    if info["model_type"] == "gpt2":
+        np.add.at(counts, tok.encode(wikitext2_text(split)).ids, 1)
+        return counts
+    rows = [r.strip() for r in wikitext2_rows(split) if len(r.strip()) > 40 and not r.strip().startswith("=")]
+    for enc in tok.encode_batch(rows):
+        np.add.at(counts, enc.ids, 1)
+    return counts
+
+
 def activation_hessians(model: onnx.ModelProto, model_dir: Path, activations: list[str], tokens: int = 8192,
                         batch: int = 4, threads: int | None = None, progress: bool = True) -> dict[str, np.ndarray]:
     """Σ xᵀx (float64, K x K) for each named activation tensor, over `tokens` calibration tokens."""

@@ -59,7 +59,7 @@ def cmd_rewrite(args) -> int:
                       calibrate=args.calibrate or args.target_bpw is not None or args.distill > 0,
                       calibration_tokens=args.calib_tokens, target_bpw=args.target_bpw, center=not args.no_center,
                       accuracy_level=args.accuracy_level, distill_steps=args.distill,
-                      outlier_fraction=args.outliers)
+                      outlier_fraction=args.outliers, split_vocab=not args.no_split_vocab)
     print_report(rows, f"{args.model} -> {output}")
     return 0
 
@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep this fraction of each weight's values exactly, as binary16 (FORMAT.md §5.2; 24 bits "
                         "each, so 0.005 costs 0.12 bits/weight): per block, those farthest from the block's bulk. "
                         "For heavy-tailed weights such as BERT's FFN outputs (default 0)")
+    r.add_argument("--no-split-vocab", action="store_true",
+                   help="with --target-bpw, keep each token table whole instead of splitting it into the rows that "
+                        "make up 95 %% of the calibration text and the rest, each coded at its own width "
+                        "(untied tables of at least 4096 rows, e.g. BERT's; a GPT-2 table tied to its logits "
+                        "is never split)")
     r.add_argument("--no-center", action="store_true",
                    help="never give a weight a center vector (FORMAT.md §5.1), e.g. for readers of the older format")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

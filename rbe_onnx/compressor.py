@@ -26,6 +26,9 @@ GPTQ_DAMP = 0.01
 TIED_DAMP = 0.1  # measured on ref-gpt2 3-bit/256: 0.1 -> KL 0.0147, 1.0 -> 0.0158, 10 -> 0.0244
 MAX_OUTLIER_FRACTION = 0.1  # 2.4 bits/weight of outliers: past that, wider codes are cheaper
 SENSITIVITY_TOKENS = 512  # calibration tokens each --target-bpw sensitivity probe runs the model on
+# An encoder's distortion is one cosine per paragraph (allocation.OutputDistortion): 512 tokens would be about
+# five paragraphs, so encoders get more.
+ENCODER_SENSITIVITY_TOKENS = 4096
 
 
 class NothingToRewrite(ValueError):
@@ -100,7 +103,7 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
                   embeddings: bool = True, progress: bool = True, calibration_dir: Path | None = None,
                   calibration_tokens: int = 8192, target_bpw: float | None = None,
                   center: bool = True, accuracy_level: int = 0, distill_steps: int = 0,
-                  outlier_fraction: float = 0.0) -> list[ReportRow]:
+                  outlier_fraction: float = 0.0, split_vocab: bool = True) -> list[ReportRow]:
     """Rewrites `model` in place; returns one report row per MatMul/Gemm/Gather node.
 
     embeddings: also turn Gathers over constant tables (token/position embeddings) into RBEGather.
@@ -114,11 +117,23 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
     distill_steps: after encoding, fine-tune scales, center coefficients and LayerNorms against the fp32 model
     for this many steps (rbe_onnx.distill; GPT-2 or BERT, needs `calibration_dir`).
     outlier_fraction: keep about this fraction of every weight's values exactly (FORMAT.md §5.2, 24 bits
-    each); with `target_bpw` their bits come out of the budget."""
+    each); with `target_bpw` their bits come out of the budget.
+    split_vocab: with `target_bpw`, split token tables into their frequent and rare rows first
+    (passes/split_vocab.py), each table then getting its own setting; the row mask is counted."""
     if accuracy_level not in range(5):
         raise ValueError(f"accuracy_level must be 0 to 4, got {accuracy_level}")
     if not 0.0 <= outlier_fraction <= MAX_OUTLIER_FRACTION:
         raise ValueError(f"outlier fraction must be in [0, {MAX_OUTLIER_FRACTION}], got {outlier_fraction}")
+    if target_bpw is not None and calibration_dir is None:
+        raise ValueError("--target-bpw measures each weight's sensitivity on calibration data: it needs "
+                         "--calibrate (a model exported by `rbe-onnx export`)")
+    splits = []
+    if target_bpw is not None and embeddings and split_vocab:
+        # Frequent and rare rows of a token table in two tables, so the budget can code them differently.
+        from .calibration import token_counts
+        from .passes.split_vocab import split_vocab_tables
+
+        splits = split_vocab_tables(model, token_counts(Path(calibration_dir)), exclude=exclude)
     candidates = find_candidates(model, exclude, embeddings=embeddings)
     eligible = [c for c in candidates if c.eligible]
     if not [c for c in eligible if c.node.op_type != "Gather"]:
@@ -133,9 +148,6 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
         from .distill import check_supported
 
         check_supported(Path(calibration_dir))
-    if target_bpw is not None and calibration_dir is None:
-        raise ValueError("--target-bpw measures each weight's sensitivity on calibration data: it needs "
-                         "--calibrate (a model exported by `rbe-onnx export`)")
     hessians = {}
     if calibration_dir is not None:
         from .calibration import activation_hessians
@@ -151,8 +163,12 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
         from .allocation import plan_settings
         from .calibration import calibration_batches
 
-        batches = calibration_batches(Path(calibration_dir), tokens=SENSITIVITY_TOKENS)
-        code_bpw = target_bpw - BITS_PER_OUTLIER * outlier_fraction
+        is_lm = model.graph.output[0].name == "logits"
+        batches = calibration_batches(Path(calibration_dir),
+                                      tokens=SENSITIVITY_TOKENS if is_lm else ENCODER_SENSITIVITY_TOKENS)
+        split_mask_bits = 8 * sum(s.rows for s in splits)  # one byte per row of a split table, in the budget
+        code_bpw = target_bpw - BITS_PER_OUTLIER * outlier_fraction - split_mask_bits / sum(
+            c.shape[0] * c.shape[1] for c in (g[0] for g in groups))
         if code_bpw <= 0:
             raise ValueError(f"--target-bpw {target_bpw} leaves nothing for the codes after outliers of "
                              f"{BITS_PER_OUTLIER * outlier_fraction:.3g} bits/weight")
@@ -180,6 +196,9 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
         rows.append(_row(c, w, errors.get(c.key, 0.0), shared=w is not None and id(w) in stored))
         if w is not None:
             stored.add(id(w))
+        for s in splits:  # the split's row mask is stored with its cold table
+            if c.weight_name == s.cold and w is not None:
+                rows[-1].bytes_after += s.rows
     replace_candidates(model, encoded, candidates)
     set_accuracy_level(model, accuracy_level)
     _set_metadata(model, REPORT_KEY, json.dumps([asdict(r) for r in rows]))
@@ -214,7 +233,8 @@ def rewrite(model_or_path: onnx.ModelProto | str | os.PathLike, output_path: str
             bits: int = 4, block_size: int = 64, exclude: str | None = None, embeddings: bool = True,
             progress: bool = True, calibrate: bool = False, calibration_tokens: int = 8192,
             target_bpw: float | None = None, center: bool = True, accuracy_level: int = 0,
-            distill_steps: int = 0, outlier_fraction: float = 0.0) -> tuple[onnx.ModelProto, list[ReportRow]]:
+            distill_steps: int = 0, outlier_fraction: float = 0.0,
+            split_vocab: bool = True) -> tuple[onnx.ModelProto, list[ReportRow]]:
     """Loads (if given a path), rewrites and (if output_path is given) saves with aligned external data.
 
     calibrate: error-feedback rounding from WikiText-2 valid activations; needs a path to a model exported
@@ -228,7 +248,7 @@ def rewrite(model_or_path: onnx.ModelProto | str | os.PathLike, output_path: str
                          calibration_dir=Path(model_or_path).parent if calibrate else None,
                          calibration_tokens=calibration_tokens, target_bpw=target_bpw, center=center,
                          accuracy_level=accuracy_level, distill_steps=distill_steps,
-                         outlier_fraction=outlier_fraction)
+                         outlier_fraction=outlier_fraction, split_vocab=split_vocab)
     if output_path is not None:
         save_model(model, output_path)
         if not isinstance(model_or_path, onnx.ModelProto):

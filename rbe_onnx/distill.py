@@ -27,6 +27,7 @@ from .codec.outliers import positions
 from .codec.packing import unpack_codes
 from .codec.seed import RHO_PER_LOG_SCALE, alpha_bits, scales_from_rho, unpack_seeds
 from .codec.weight import RBEWeight
+from .passes.split_vocab import assemble, recorded_splits
 
 LEARNING_RATE = 2e-3   # GPT-2; BERT's hidden-state error climbed at this rate
 BERT_LEARNING_RATE = 5e-4  # MiniLM 4b/128, 48 steps, cosine on valid paragraphs: 2e-3 0.9858, 5e-4 0.9887, 1e-4 0.9886
@@ -158,11 +159,16 @@ def distill(model: onnx.ModelProto, model_dir: Path, weights: dict[str, tuple[RB
     teacher = fam.teacher
     init = {t.name: t for t in model.graph.initializer}
     state = teacher.state_dict()
+    # Token tables split into frequent and rare rows (passes/split_vocab.py): the model's parameter is the
+    # whole table again, for the teacher in fp32 and for the student as its two encodings decode.
+    splits = [s for s in recorded_splits(model) if s.hot in init and s.cold in init and s.mask in init]
+    whole = {s.table: assemble(s, *(numpy_helper.to_array(init[n]) for n in (s.hot, s.cold, s.mask)))
+             for s in splits}
     loaded = set()
     for key in state:
         name = key.removeprefix(fam.prefix)
-        if name in init:
-            state[key] = torch.from_numpy(numpy_helper.to_array(init[name]).copy())
+        if name in init or name in whole:
+            state[key] = torch.from_numpy(whole[name] if name in whole else numpy_helper.to_array(init[name]).copy())
             loaded.add(key)
     missing = [k for k in state if k not in loaded and not k.endswith(".attn.bias") and k != "lm_head.weight"]
     if missing:
@@ -175,6 +181,16 @@ def distill(model: onnx.ModelProto, model_dir: Path, weights: dict[str, tuple[RB
     # The student: the teacher's modules with the encoded weights computed from trainable scales and alphas.
     params = dict(teacher.named_parameters())
     trainable, rebuild, fixed = [], {}, {}
+
+    def as_stored(name: str) -> np.ndarray:
+        w, transposed = weights[name]
+        W = decode(w)
+        return np.ascontiguousarray(W.T if transposed else W)
+
+    for s in splits:
+        if s.hot in weights and s.cold in weights and fam.prefix + s.table in params:
+            fixed[fam.prefix + s.table] = torch.from_numpy(
+                assemble(s, as_stored(s.hot), as_stored(s.cold), numpy_helper.to_array(init[s.mask])))
     for name, (w, transposed) in weights.items():
         key = fam.prefix + name
         if key not in params:

@@ -40,6 +40,28 @@ def test_probe_noise_stays_within_half_a_step_of_each_block():
     assert np.all(np.abs(noise[:64]) <= step / 2 + 1e-6) and np.all(np.abs(noise[:64]).max(0) > step / 4)
 
 
+def test_error_ratios_encode_as_the_rewrite_does(shared_data):
+    """With a Hessian the settings are coded with error feedback, as the rewrite codes them, and so show less
+    error in ‖X·Δ‖² than plain rounding would (what the budget compares against tables, which have none)."""
+    from rbe_onnx.allocation import LADDER, _error_energy, error_ratios
+    from rbe_onnx.codec import decode, encode
+
+    from test_codec import real_gpt2_weights
+
+    W = np.ascontiguousarray(next(iter(real_gpt2_weights(shared_data).values()))[:, :128])  # all columns sampled
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((2048, W.shape[0])) @ rng.standard_normal((W.shape[0], W.shape[0])) * 0.1
+    H = X.T @ X
+    noise = probe_noise(W, 3, 128, rng)
+    with_h = error_ratios(W, H, noise, False, np.random.default_rng(1))
+    base = _error_energy(noise, H)
+    for bits, bs in LADDER:
+        plain = _error_energy(decode(encode(W, bits=bits, block_size=bs)) - W, H) / base
+        assert with_h[(bits, bs)] < plain, (bits, bs)
+    plain_ratios = error_ratios(W, None, noise, False, np.random.default_rng(1))
+    assert plain_ratios[(2, 128)] > plain_ratios[(3, 128)] > plain_ratios[(4, 64)] > plain_ratios[(8, 64)]
+
+
 def test_target_bpw_needs_calibration(tiny_gpt2_onnx_dir):
     with pytest.raises(ValueError, match="needs --calibrate"):
         rewrite(onnx.load(str(tiny_gpt2_onnx_dir / "model.onnx")), target_bpw=3.3, progress=False)

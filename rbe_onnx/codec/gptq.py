@@ -30,18 +30,19 @@ def _inverse_cholesky(H: np.ndarray, damp: float) -> np.ndarray:
 
 
 def encode_gptq(W: np.ndarray, H: np.ndarray, bits: int = 4, block_size: int = 64,
-                damp: float = 0.01, outlier_fraction: float = 0.0) -> RBEWeight:
+                damp: float = 0.01, outlier_fraction: float = 0.0, U: np.ndarray | None = None) -> RBEWeight:
     """Encodes a K x N weight like `encode`, with rounding that minimises ‖X·(W − Ŵ)‖² for inputs X with
     XᵀX = H (K x K).
 
     outlier_fraction: keep about this fraction of the weights exactly (binary16, FORMAT.md §5.2), chosen per
     block row range as the farthest from their column block's bulk. They are left out of the block's range
-    when its seed is fitted, and error feedback sees only their binary16 rounding."""
+    when its seed is fitted, and error feedback sees only their binary16 rounding.
+    U: _inverse_cholesky(H, damp), when the caller encodes with the same H several times."""
     W = np.array(W, dtype=np.float64)
     K, N = W.shape
     if H.shape != (K, K):
         raise ValueError(f"Hessian must be {K} x {K}, got {list(H.shape)}")
-    U = _inverse_cholesky(H, damp)
+    U = _inverse_cholesky(H, damp) if U is None else U
     nb = -(-K // block_size)
     tables = level_tables(bits).astype(np.float64) if bits != 8 else None
     seeds = np.zeros((N, nb), dtype=np.int64)

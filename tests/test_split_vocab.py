@@ -1,0 +1,129 @@
+"""Token tables split into frequent and rare rows (passes/split_vocab.py) for --target-bpw."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import make_ort_session
+from rbe_onnx.passes.split_vocab import (METADATA_KEY, SPLIT_MIN_ROWS, assemble, hot_rows, recorded_splits,
+                                         split_vocab_tables)
+
+V, D = 5000, 8
+
+
+def gather_model(table: np.ndarray, *, tied: bool = False, twice: bool = False) -> onnx.ModelProto:
+    """ids [b, s] -> Gather(table, ids); `tied`: also a MatMul on the table's transpose (an LM head);
+    `twice`: a second Gather reads the same table."""
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"], name="/word/Gather")]
+    inits = [numpy_helper.from_array(table, "table")]
+    outputs = [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["b", "s", table.shape[1]])]
+    if tied:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(table.T), "head"))
+        nodes.append(helper.make_node("MatMul", ["rows", "head"], ["logits"], name="/lm_head/MatMul"))
+        outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", table.shape[0]]))
+    if twice:
+        nodes.append(helper.make_node("Gather", ["table", "ids"], ["again"], name="/again/Gather"))
+        outputs.append(helper.make_tensor_value_info("again", TensorProto.FLOAT, ["b", "s", table.shape[1]]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                              outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+def zipf_counts(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    counts = (1e5 / np.arange(1, n + 1) ** 1.1).astype(np.int64)
+    counts[n // 2:] = 0  # half the vocabulary never seen
+    return counts[rng.permutation(n)]
+
+
+def test_hot_rows_are_the_fewest_that_cover_the_text():
+    counts = zipf_counts(V)
+    hot = hot_rows(counts, 0.9)
+    order = np.sort(counts)[::-1]
+    n = int(hot.sum())
+    assert counts[hot].sum() >= 0.9 * counts.sum() > order[: n - 1].sum()  # covers, and one row fewer would not
+    assert counts[hot].min() >= counts[~hot].max()                       # the most frequent ones
+    assert not hot[counts == 0].any()
+    assert hot_rows(np.ones(V, np.int64), 0.99).sum() == V // 2           # never more than half the rows
+    with pytest.raises(ValueError, match="1-D"):
+        hot_rows(np.ones((2, 3)))
+
+
+def test_split_table_reads_the_same_rows_for_every_id(tmp_path):
+    """The split graph returns exactly the original rows, negative ids included; the metadata records it."""
+    table = np.random.default_rng(1).standard_normal((V, D)).astype(np.float32)
+    model = gather_model(table)
+    counts = zipf_counts(V)
+    splits = split_vocab_tables(model, counts, 0.9)
+    assert len(splits) == 1 and recorded_splits(model) == splits
+    s = splits[0]
+    assert (s.rows, s.hot_rows) == (V, int(hot_rows(counts, 0.9).sum()))
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert "table" not in init and init[s.mask].dtype == np.uint8 and init[s.mask].shape == (V,)
+    np.testing.assert_array_equal(assemble(s, init[s.hot], init[s.cold], init[s.mask]), table)
+    onnx.checker.check_model(model)
+    path = tmp_path / "split.onnx"
+    onnx.save(model, path)
+    ids = np.array([[0, 1, V - 1, -1, -V, 17], [*np.argsort(-counts)[:3], *np.argsort(counts)[:3]]], np.int64)
+    rows = make_ort_session(path).run(["rows"], {"ids": ids})[0]
+    np.testing.assert_array_equal(rows, table[ids])
+    with pytest.raises(Exception, match="out of bounds|indices"):
+        make_ort_session(path).run(["rows"], {"ids": np.array([[V]], np.int64)})
+
+
+def test_split_leaves_tied_shared_small_and_excluded_tables_whole():
+    rng = np.random.default_rng(2)
+    table = rng.standard_normal((V, D)).astype(np.float32)
+    counts = zipf_counts(V)
+    for model in (gather_model(table, tied=True), gather_model(table, twice=True)):
+        assert split_vocab_tables(model, counts) == []
+        assert "table" in {t.name for t in model.graph.initializer}
+        assert not any(p.key == METADATA_KEY for p in model.metadata_props)
+    small = rng.standard_normal((SPLIT_MIN_ROWS - 1, D)).astype(np.float32)
+    assert split_vocab_tables(gather_model(small), zipf_counts(SPLIT_MIN_ROWS - 1)) == []
+    assert split_vocab_tables(gather_model(table), counts, exclude="word") == []
+    assert split_vocab_tables(gather_model(table), zipf_counts(V + 1)) == []  # not a table over this vocabulary
+
+
+def test_token_counts_read_the_calibration_split_only(tiny_bert_onnx_dir):
+    from rbe_onnx.calibration import token_counts
+
+    counts = token_counts(tiny_bert_onnx_dir)
+    assert counts.shape == (30522,) and counts.sum() > 100_000 and (counts > 0).sum() > 5000
+    with pytest.raises(ValueError, match="test split"):
+        token_counts(tiny_bert_onnx_dir, split="test")
+
+
+def test_target_bpw_codes_the_frequent_rows_apart(tiny_bert_onnx_dir, tmp_path):
+    """--target-bpw on a BERT export splits its token table; each half gets a setting of its own, the mask is
+    counted, the budget holds and the rewritten model runs (and distils, through the reassembled table). The
+    tiny model's width of 64 pads every block of 128, hence a budget of 6 bits/weight."""
+    from rbe_onnx import rewrite
+    from rbe_onnx.compressor import totals
+    from rbe_onnx.runtime import make_session
+
+    out = tmp_path / "split" / "model.onnx"
+    model, rows = rewrite(tiny_bert_onnx_dir / "model.onnx", out, target_bpw=6.0, calibrate=True, progress=False,
+                          distill_steps=2)
+    by_node = {r.node: r for r in rows}
+    hot, cold = by_node["/word/Gather/split/hot"], by_node["/word/Gather/split/cold"]
+    assert hot.status == cold.status == "rbe"
+    (split,) = recorded_splits(model)
+    K, n_cold = (int(x) for x in cold.shape.split(" x "))
+    assert n_cold == split.rows - split.hot_rows
+    # the cold row carries the codes, seeds and the one-byte-per-row mask
+    cold_weight = next(t for t in model.graph.initializer if t.name == f"{split.cold}.T.rbe_codes")
+    assert cold.bytes_after >= len(cold_weight.raw_data) + split.rows
+    assert totals(rows)["bits_per_weight"] <= 6.0 + 1e-6
+    assert {n.op_type for n in model.graph.node if "/split/" in n.name} >= {"RBEGather", "Where", "CumSum"}
+    ids = np.array([[101, 1996, 3231, 2003, 102, 0]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    hidden = make_session(out.parent, threads=1).run(None, feeds)[0]
+    assert hidden.shape == (1, 6, 64) and np.all(np.isfinite(hidden))
+    _, whole = rewrite(tiny_bert_onnx_dir / "model.onnx", tmp_path / "whole" / "model.onnx", target_bpw=6.0,
+                       calibrate=True, progress=False, split_vocab=False)
+    assert "/word/Gather" in {r.node for r in whole} and not any("/split/" in r.node for r in whole)
