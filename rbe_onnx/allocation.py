@@ -94,8 +94,9 @@ def error_ratios(W: np.ndarray, H: np.ndarray | None, noise: np.ndarray, use_cen
                  damp: float = 0.01) -> dict[tuple[int, int], float]:
     """Coding error of each LADDER setting over the probe noise's, in the same measure, on sampled columns.
 
-    The settings are encoded as the rewrite will encode them: with error feedback (GPTQ, `damp` as the
-    encoder's) where there is a Hessian. Plain rounding here overstated the projections' error against the
+    The settings are encoded as the rewrite will encode them: with error feedback (GPTQ at `damp`, the
+    encoder's default; a table tied to an LM head is encoded at TIED_DAMP but measured here at `damp`) where
+    there is a Hessian. Plain rounding here overstated the projections' error against the
     tables' (which have no Hessian and are rounded plainly) by what error feedback saves, 2-3x in ‖X·Δ‖²,
     and so steered the budget away from the tables."""
     K, N = W.shape
