@@ -44,7 +44,7 @@ def calibration_batches(model_dir: Path, tokens: int, batch: int = 4,
     encoder sees them, padded per batch; the mask marks the padding so it stays out of the statistics.
     """
     _check_split(split)
-    from .datasets import wikitext2_rows, wikitext2_text
+    from .datasets import wikitext2_paragraphs, wikitext2_text
 
     info = _export_info(model_dir)
     tok = _tokenizer(model_dir)
@@ -60,7 +60,7 @@ def calibration_batches(model_dir: Path, tokens: int, batch: int = 4,
                                                                                   range(batch, n, batch))]
     tok.enable_truncation(min(128, info.get("max_position_embeddings", 128)))
     tok.enable_padding(pad_id=info.get("pad_token_id") or 0)
-    rows = [r.strip() for r in wikitext2_rows(split) if len(r.strip()) > 40 and not r.strip().startswith("=")]
+    rows = wikitext2_paragraphs(split)
     batches, seen, i = [], 0, 0
     while seen < tokens and i < len(rows):
         enc = tok.encode_batch(rows[i:i + batch])
@@ -77,7 +77,7 @@ def token_counts(model_dir: Path, split: str = CALIBRATION_SPLIT) -> np.ndarray:
     """How often each vocabulary entry occurs in WikiText-2 valid, tokenized whole, [vocab size] int64: GPT-2
     as running text, BERT as the paragraphs calibration_batches feeds (with [CLS]/[SEP], not truncated)."""
     _check_split(split)
-    from .datasets import wikitext2_rows, wikitext2_text
+    from .datasets import wikitext2_paragraphs, wikitext2_text
 
     info = _export_info(model_dir)
     tok = _tokenizer(model_dir)
@@ -87,7 +87,7 @@ def token_counts(model_dir: Path, split: str = CALIBRATION_SPLIT) -> np.ndarray:
     if info["model_type"] == "gpt2":
         np.add.at(counts, tok.encode(wikitext2_text(split)).ids, 1)
         return counts
-    rows = [r.strip() for r in wikitext2_rows(split) if len(r.strip()) > 40 and not r.strip().startswith("=")]
+    rows = wikitext2_paragraphs(split)
     for enc in tok.encode_batch(rows):
         np.add.at(counts, enc.ids, 1)
     return counts

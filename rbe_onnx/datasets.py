@@ -42,6 +42,12 @@ def wikitext2_rows(split: str) -> tuple[str, ...]:
     return tuple(r + "\n" for r in text.split("\n\n") if r.strip())
 
 
+def wikitext2_paragraphs(split: str) -> list[str]:
+    """The split's article paragraphs as a sentence encoder sees them: rows over 40 characters that are not
+    headings (`= Title =`), stripped."""
+    return [r.strip() for r in wikitext2_rows(split) if len(r.strip()) > 40 and not r.strip().startswith("=")]
+
+
 def wikitext2_text(split: str) -> str:
     """The split as one string: HF rows joined with blank lines (the usual HF perplexity input)."""
     return "\n\n".join(wikitext2_rows(split))

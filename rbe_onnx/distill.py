@@ -196,8 +196,7 @@ def distill(model: onnx.ModelProto, model_dir: Path, weights: dict[str, tuple[RB
         if key not in params:
             continue  # the lm_head's own copy of the tied table: torch ties it to wte already
         if not fam.tunes(name):  # the student still sees it as encoded
-            W = decode(w)
-            fixed[key] = torch.from_numpy(np.ascontiguousarray(W.T if transposed else W))
+            fixed[key] = torch.from_numpy(as_stored(name))
             continue
         log_d, vals, alpha = _parts(w)
         t_log_d = torch.tensor(log_d, requires_grad=True)

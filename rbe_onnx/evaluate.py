@@ -53,12 +53,12 @@ def wikitext_test_paragraphs(tokenizer_json: str, count: int, max_len: int = 128
     """Feeds for `count` WikiText-2 test paragraphs, padded, as a sentence encoder sees them."""
     from tokenizers import Tokenizer
 
-    from .datasets import wikitext2_rows
+    from .datasets import wikitext2_paragraphs
 
     tok = Tokenizer.from_file(tokenizer_json)
     tok.enable_truncation(max_len)
     tok.enable_padding(pad_id=0)
-    rows = [r.strip() for r in wikitext2_rows("test") if len(r.strip()) > 40 and not r.strip().startswith("=")]
+    rows = wikitext2_paragraphs("test")
     enc = tok.encode_batch(rows[:count])
     ids = np.array([e.ids for e in enc], dtype=np.int64)
     mask = np.array([e.attention_mask for e in enc], dtype=np.int64)

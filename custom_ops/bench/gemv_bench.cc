@@ -40,11 +40,10 @@ struct Matrix {
   rbe::PreparedWeight w;
 };
 
-// FORMAT.md §3: rho | theta << 16 | offset << 20 | width << 28 | tag 0xB2 << 56.
 int64_t seed(std::mt19937_64& g, int bits) {
-  const uint64_t rho = g() % 2000, theta = bits == 8 ? rbe::kUniformTheta : g() % 16, offset = (g() % 16) - 8;
-  return static_cast<int64_t>(rho | theta << 16 | (offset & 0xFF) << 20 | uint64_t(bits) << 28 |
-                              uint64_t{rbe::kSeedTag} << 56);
+  const uint32_t rho = g() % 2000, theta = bits == 8 ? rbe::kUniformTheta : g() % 16;
+  const int32_t offset = static_cast<int32_t>(g() % 16) - 8;
+  return static_cast<int64_t>(rbe::pack_seed({rho, theta, static_cast<uint32_t>(bits), 0, 0, rbe::kSeedTag, offset}));
 }
 
 Matrix make_matrix(std::mt19937_64& g, int64_t K, int64_t N, int bits, int block) {

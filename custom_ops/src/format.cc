@@ -21,6 +21,12 @@ SeedFields unpack_seed(uint64_t s) {
   return f;
 }
 
+uint64_t pack_seed(const SeedFields& f) {
+  return uint64_t{f.rho & 0xFFFFu} | uint64_t{f.theta & 0xFu} << 16 | uint64_t{static_cast<uint8_t>(f.offset)} << 20 |
+         uint64_t{f.width & 0xFu} << 28 | uint64_t{f.outliers & 0xFFu} << 32 | uint64_t{f.alpha_bits & 0xFFFFu} << 40 |
+         uint64_t{f.tag & 0xFFu} << 56;
+}
+
 // By value rather than by bit manipulation into a float32 pattern: every binary16 number is m·2^e with an
 // 11-bit m, which float32 holds exactly, so ldexp is exact and needs no F16C or _Float16 support.
 float half_to_float(uint16_t h) {

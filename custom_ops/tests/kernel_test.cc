@@ -40,8 +40,7 @@ void report(bool ok, const std::string& what) {
 
 // Seed per FORMAT.md §3: rho 0-15, theta 16-19, offset 20-27 (int8), width 28-31, alpha 40-55, tag 56-63.
 uint64_t make_seed(uint32_t rho, uint32_t theta, int32_t offset, uint32_t width, uint16_t alpha = 0) {
-  return uint64_t{rho & 0xFFFFu} | uint64_t{theta & 0xFu} << 16 | uint64_t{static_cast<uint8_t>(offset)} << 20 |
-         uint64_t{width & 0xFu} << 28 | uint64_t{alpha} << 40 | uint64_t{rbe::kSeedTag} << 56;
+  return rbe::pack_seed({rho, theta, width, 0, alpha, rbe::kSeedTag, offset});
 }
 
 // binary16 (§3's alpha) by its definition: ±2^(e−15)·(1 + m/1024), subnormal ±2^−14·(m/1024); e = 31 is
@@ -448,6 +447,10 @@ void test_malformed() {
   const uint64_t ok_seed = make_seed(100, 3, -5, 4);
   prepare(good.shape, with_seed(ok_seed), nbytes);  // the control: must not throw
   report(true, "malformed: control weight accepted");
+  const rbe::SeedFields f = rbe::unpack_seed(rbe::pack_seed({0xABCD, 9, 4, 200, 0x3C00, rbe::kSeedTag, -128}));
+  report(f.rho == 0xABCD && f.theta == 9 && f.width == 4 && f.outliers == 200 && f.alpha_bits == 0x3C00 &&
+             f.tag == rbe::kSeedTag && f.offset == -128,
+         "pack_seed is unpack_seed's inverse");
 
   expect_format_error("bad tag", [&] { prepare(good.shape, with_seed((ok_seed & ~(0xFFull << 56)) | 0xB3ull << 56), nbytes); });
   expect_format_error("format-1 tag", [&] { prepare(good.shape, with_seed((ok_seed & ~(0xFFull << 56)) | 0xB1ull << 56), nbytes); });

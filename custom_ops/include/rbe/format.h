@@ -29,6 +29,8 @@ struct SeedFields {
 };
 
 SeedFields unpack_seed(uint64_t seed);
+// The inverse, for writers of seeds in C++ (tests, benchmarks): fields masked to their widths, offset as int8.
+uint64_t pack_seed(const SeedFields& f);
 // IEEE 754 binary16 -> float32, exact for every pattern (subnormals, ±0, ±Inf; NaN stays NaN).
 float half_to_float(uint16_t h);
 bool is_supported_bits(int64_t bits);
