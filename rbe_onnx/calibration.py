@@ -109,6 +109,9 @@ def activation_hessians(model: onnx.ModelProto, model_dir: Path, activations: li
     if threads:
         opts.intra_op_num_threads = threads
     session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    from .runtime.feeds import check_kv_layout
+
+    check_kv_layout(session)
     hessians: dict[str, np.ndarray] = {}
     for feeds, real in tqdm(calibration_batches(model_dir, tokens, batch), desc="calibrating", unit="batch",
                             disable=not progress):

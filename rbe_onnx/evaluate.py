@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .runtime.feeds import Gpt2Shape, prefill_feeds
+from .runtime.feeds import Gpt2Shape, check_kv_layout, prefill_feeds
 
 
 def wikitext_test_windows(tokenizer_json: str, window: int, max_windows: int | None = None) -> np.ndarray:
@@ -32,6 +32,9 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def compare(session, shape: Gpt2Shape, windows: np.ndarray, reference=None, batch: int = 4) -> dict:
     """PPL of `session`; with a reference session also mean KL(ref || model) and top-1 agreement."""
+    for s in (session, reference):
+        if s is not None:
+            check_kv_layout(s)
     nll, kl, agree, count = 0.0, 0.0, 0, 0
     for start in range(0, len(windows), batch):
         ids = windows[start:start + batch]

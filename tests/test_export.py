@@ -69,14 +69,17 @@ def positions_for(mask: np.ndarray, seq_len: int) -> np.ndarray:
 
 
 class Gpt2Onnx:
-    """Runs the exported decoder, feeding presents back as the next call's past."""
+    """Runs the exported decoder, feeding presents back as the next call's past (plain `session.run`: ORT copies
+    each KV buffer into a fresh present instead of writing it in place)."""
 
     def __init__(self, session, info: dict):
         self.session, self.info = session, info
 
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        shape = (batch, self.info["n_head"], 0, self.info["head_dim"])
-        return [np.zeros(shape, np.float32) for _ in range(2 * self.info["n_layer"])]
+    def empty_past(self, batch: int, capacity: int) -> list[np.ndarray]:
+        """KV buffers with room for `capacity` positions, filled with NaN: positions the graph has not written
+        must never be read."""
+        shape = (batch, self.info["n_head"], capacity, self.info["head_dim"])
+        return [np.full(shape, np.nan, np.float32) for _ in range(2 * self.info["n_layer"])]
 
     def run(self, ids, mask, positions, past) -> tuple[np.ndarray, list[np.ndarray]]:
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
@@ -97,12 +100,14 @@ def hf_gpt2_row(model, tokens: list[int]) -> tuple[np.ndarray, list[np.ndarray]]
     return out.logits[0].numpy(), cache
 
 
-def check_presents(presents, rows: list[list[int]], model, what: str) -> None:
-    """Presents at each row's non-padded (right-aligned) positions equal HF's cache of that row."""
+def check_presents(presents, mask: np.ndarray, rows: list[list[int]], model, what: str) -> None:
+    """Presents at each row's non-padded (right-aligned) positions of the cached span (the mask's width) equal
+    HF's cache of that row."""
+    total = mask.shape[1]
     for r, row in enumerate(rows):
         _, cache = hf_gpt2_row(model, row)
         for j, (ours, ref) in enumerate(zip(presents, cache)):
-            assert_close(ours[r, :, -len(row):], ref, f"{what} row {r} present {j}")
+            assert_close(ours[r, :, total - len(row):total], ref, f"{what} row {r} present {j}")
 
 
 def gpt2_setup(request, name: str):
@@ -114,9 +119,10 @@ def gpt2_setup(request, name: str):
     return hf_gpt2(str(model_dir)), runner, rows, info
 
 
-def prefill(runner: Gpt2Onnx, rows, pad_id: int):
+def prefill(runner: Gpt2Onnx, rows, pad_id: int, room: int = 5):
+    """The prompt rows through KV buffers with `room` positions to spare for `extend`."""
     ids, mask, positions = left_pad(rows, pad_id)
-    logits, presents = runner.run(ids, mask, positions, runner.empty_past(len(rows)))
+    logits, presents = runner.run(ids, mask, positions, runner.empty_past(len(rows), ids.shape[1] + room))
     return mask, logits, presents
 
 
@@ -183,7 +189,7 @@ def test_gpt2_prefill_then_decode_matches_hf(request, name):
     for r, row in enumerate(rows):
         ref_logits, _ = hf_gpt2_row(hf, row)
         assert_close(logits[r, -len(row):], ref_logits, f"prefill logits row {r}")
-    check_presents(presents, rows, hf, "prefill")
+    check_presents(presents, mask, rows, hf, "prefill")
 
     # One greedy decode step on the returned cache, compared with HF recomputing each whole row.
     next_tokens = [[int(logits[r, -1].argmax())] for r in range(len(rows))]
@@ -193,7 +199,7 @@ def test_gpt2_prefill_then_decode_matches_hf(request, name):
     for r, row in enumerate(rows):
         ref_logits, _ = hf_gpt2_row(hf, row)
         assert_close(logits[r], ref_logits[-1:], f"decode logits row {r}")
-    check_presents(presents, rows, hf, "decode")
+    check_presents(presents, mask, rows, hf, "decode")
 
 
 @pytest.mark.parametrize("name", GPT2_MODELS)
@@ -202,11 +208,12 @@ def test_gpt2_multi_token_with_past_matches_hf(request, name):
     prompt_rows = [row[:-3] for row in rows]  # the last 3 tokens of each row arrive in one call with past > 0
     mask, _, presents = prefill(runner, prompt_rows, info["eos_token_id"])
     mask, logits, presents = extend(runner, mask, presents, [row[-3:] for row in rows])
-    assert presents[0].shape[2] == max(map(len, prompt_rows)) + 3
+    assert mask.shape[1] == max(map(len, prompt_rows)) + 3
+    assert presents[0].shape[2] == max(map(len, prompt_rows)) + 5, "the present is the past's buffer"
     for r, row in enumerate(rows):
         ref_logits, _ = hf_gpt2_row(hf, row)
         assert_close(logits[r], ref_logits[-3:], f"multi-token logits row {r}")
-    check_presents(presents, rows, hf, "multi-token")
+    check_presents(presents, mask, rows, hf, "multi-token")
 
 
 def test_gpt2_batch_one_without_padding(request):
@@ -228,7 +235,11 @@ def test_gpt2_graph_structure(request, name):
     assert_plain_gemms(model, expected_count=4 * n)  # c_attn, attn c_proj, c_fc, mlp c_proj per block
     assert_lean_shape_ops(model, reshapes_per_layer=2, n_layer=n)  # split heads of q/k/v together, merge heads
     concats = sum(node.op_type == "Concat" for node in model.graph.node)
-    assert concats == 2 * n + 2, "a KV append per cache tensor, two shape tensors per graph"
+    assert concats == 2, "two shape tensors per graph; the KV buffers are appended to in place"
+    attention = [node for node in model.graph.node if node.op_type == "MultiHeadAttention"]
+    assert len(attention) == n and all(node.domain == "com.microsoft" for node in attention)
+    # past_sequence_length (input 8) is what makes ORT write the new positions into the past's buffer.
+    assert all(len(node.input) == 9 and node.input[8] for node in attention)
 
     inits = initializers(model)
     producer = {out: node for node in model.graph.node for out in node.output}

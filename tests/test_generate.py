@@ -250,7 +250,7 @@ def test_text_stream_holds_split_characters_and_stop_prefixes(fp32_gen):
 
 
 def test_bound_cache_matches_plain_run(ref_gpt2_onnx_dir):
-    """Prefill + decode steps through the bound ping-pong buffers give the logits and presents of one plain
+    """Prefill + decode steps through the bound in-place KV buffers give the logits and presents of one plain
     `session.run` over the whole sequence."""
     shape = Gpt2Shape.from_dir(ref_gpt2_onnx_dir)
     session = make_session(ref_gpt2_onnx_dir, threads=THREADS)
@@ -268,6 +268,27 @@ def test_bound_cache_matches_plain_run(ref_gpt2_onnx_dir):
         key, value = model.cache(layer)
         np.testing.assert_allclose(key, plain[f"present.{layer}.key"], atol=1e-5)
         np.testing.assert_allclose(value, plain[f"present.{layer}.value"], atol=1e-5)
+
+
+def test_bound_cache_refuses_concat_era_graphs(ref_gpt2_onnx_dir, tmp_path):
+    """A graph whose KV axis carries the names of the older Concat exports (past/total_sequence_length) cannot
+    take one buffer as past and present, and would read prefill_feeds' KV buffers as a cached past: the runtime
+    and eval say so instead of failing inside ORT or scoring wrong logits."""
+    import onnx
+
+    from rbe_onnx.evaluate import compare
+
+    model = onnx.load(str(ref_gpt2_onnx_dir / "model.onnx"))
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.shape.dim[2].dim_param = "past_sequence_length"
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    session = make_session(tmp_path / "model.onnx", threads=THREADS)
+    shape = Gpt2Shape.from_dir(ref_gpt2_onnx_dir)
+    with pytest.raises(ValueError, match="older rbe-onnx.*export it again"):
+        BoundGpt2(session, shape)
+    with pytest.raises(ValueError, match="older rbe-onnx.*export it again"):
+        compare(session, shape, np.array([[464, 11361, 28846, 318]]))
 
 
 def test_greedy_generate_compat(fp32_gen, ref_gpt2_onnx_dir):

@@ -85,7 +85,8 @@ def test_python_blocks_run(ran_page):
     logits, presents = defined(namespaces, "logits"), defined(namespaces, "presents")
     shape = defined(namespaces, "shape")
     assert logits.shape == (1, 3, shape.vocab_size) and np.isfinite(logits).all()
-    assert len(presents) == 2 * shape.n_layer and presents[0].shape == (1, shape.n_head, 3, shape.head_dim)
+    assert len(presents) == 2 * shape.n_layer and presents[0].shape == (1, shape.n_head, 8, shape.head_dim)
+    assert np.isfinite(presents[0][:, :, :3]).all() and np.abs(presents[0][:, :, :3]).sum() > 0
     # Every block that prints printed something (generated text included).
     for block, out in zip(code_blocks("python"), outputs):
         if "print(" in block:

@@ -2,10 +2,12 @@
 random init: speed does not depend on the values), fp32 and RBE 4-bit/64, for three ways of carrying the cache
 from step to step:
 
-- numpy round-trip: `session.run` with numpy feeds, presents copied out and fed back (the old greedy loop);
+- numpy round-trip: `session.run` with numpy feeds, presents copied out and fed back (ORT copies each KV buffer
+  into a fresh present at every step);
 - IO binding, ORT-allocated: presents bound to ORT-allocated OrtValues, re-bound as the next step's past;
-- IO binding, preallocated: presents written into preallocated ping-pong buffers (`BoundGpt2`, what
-  `Generator` uses), timed through the real token loop (forward + sampling + mask/position update).
+- IO binding, preallocated: one buffer per layer's key and value, bound as both past and present, so the graph
+  writes the new positions in place (`BoundGpt2`, what `Generator` uses), timed through the real token loop
+  (forward + sampling + mask/position update).
 
     python tools/bench_generate.py [--work DIR] [--threads 2] [--steps 16] [--rounds 3] [--past 32 512]
 
@@ -44,7 +46,7 @@ def decode_numpy(session, shape, prompt: np.ndarray, steps: int) -> list[float]:
     from rbe_onnx.runtime.feeds import prefill_feeds
 
     outputs = [o.name for o in session.get_outputs()]
-    result = dict(zip(outputs, session.run(outputs, prefill_feeds(shape, prompt))))
+    result = dict(zip(outputs, session.run(outputs, prefill_feeds(shape, prompt, capacity=prompt.shape[1] + steps))))
     length, times = prompt.shape[1], []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -68,7 +70,7 @@ def decode_ort_allocated(session, shape, prompt: np.ndarray, steps: int) -> list
     outputs = [o.name for o in session.get_outputs()]
     pasts = past_names(shape.n_layer)
     io = session.io_binding()
-    for name, value in prefill_feeds(shape, prompt).items():
+    for name, value in prefill_feeds(shape, prompt, capacity=prompt.shape[1] + steps).items():
         io.bind_cpu_input(name, value)
     for name in outputs:
         io.bind_output(name, "cpu")

@@ -5,9 +5,11 @@
 // LIB is the RBE op library (python -c "import rbe_onnx; print(rbe_onnx.get_library_path())"), DIR the export
 // folder holding model.onnx. Prints the generated token ids on one line of stdout; timings go to stderr.
 //
-// The graph uses Optimum's GPT-2 I/O: input_ids, attention_mask, position_ids and past_key_values.{i}.key/value
-// [batch, n_head, past, head_dim] in; logits [batch, seq, vocab] and present.{i}.key/value out. The prompt runs
-// once with an empty past (past = 0), then each step feeds the one new token with the presents as the past.
+// The graph uses Optimum's GPT-2 names: input_ids, attention_mask, position_ids and past_key_values.{i}.key/value
+// in; logits [batch, seq, vocab] and present.{i}.key/value out. Each key/value is a buffer [batch, n_head,
+// capacity, head_dim] that the graph writes the new positions into: the loop allocates one per layer for the
+// whole generation and binds it as both past and present, so no step copies the cache. The cached length is
+// the attention mask's width minus the input's.
 #include <onnxruntime_cxx_api.h>
 
 #include <algorithm>
@@ -115,7 +117,7 @@ KvShape read_kv_shape(Ort::Session& session) {
       continue;
     auto shape = session.GetInputTypeInfo(i).GetTensorTypeAndShapeInfo().GetShape();
     if (shape.size() != 4 || shape[1] <= 0 || shape[3] <= 0)
-      throw std::runtime_error(name + " is not [batch, n_head, past, head_dim] with static heads and head size");
+      throw std::runtime_error(name + " is not [batch, n_head, capacity, head_dim] with static heads and head size");
     kv.n_head = shape[1];
     kv.head_dim = shape[3];
     ++kv.n_layer;
@@ -125,26 +127,6 @@ KvShape read_kv_shape(Ort::Session& session) {
                              "past_key_values.N.key/value): export it with `rbe-onnx export gpt2`");
   return kv;
 }
-
-// Input and output names in the order the loop feeds and reads them: the three token inputs, then past key and
-// value per layer; logits, then present key and value per layer.
-struct IoNames {
-  std::vector<std::string> inputs, outputs;
-  std::vector<const char*> input_ptrs, output_ptrs;
-
-  explicit IoNames(int n_layer) {
-    inputs = {"input_ids", "attention_mask", "position_ids"};
-    outputs = {"logits"};
-    for (int i = 0; i < n_layer; ++i) {
-      for (const char* kind : {"key", "value"}) {
-        inputs.push_back("past_key_values." + std::to_string(i) + "." + kind);
-        outputs.push_back("present." + std::to_string(i) + "." + kind);
-      }
-    }
-    for (auto& s : inputs) input_ptrs.push_back(s.c_str());
-    for (auto& s : outputs) output_ptrs.push_back(s.c_str());
-  }
-};
 
 // argmax over the last position's logits; the first maximum wins, as numpy's argmax does.
 int64_t last_argmax(const Ort::Value& logits) {
@@ -161,15 +143,25 @@ struct Timings {
 
 std::vector<int64_t> greedy(Ort::Session& session, const KvShape& kv, const std::vector<int64_t>& prompt,
                             int new_tokens, std::optional<int64_t> eos, Timings& timings) {
-  const IoNames names(kv.n_layer);
   auto mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-  Ort::AllocatorWithDefaultOptions alloc;
+  Ort::IoBinding binding(session);
+  binding.BindOutput("logits", mem);  // bound first, so it is output 0
 
-  // The prefill's past: zero-length along the sequence axis, one per layer for key and value.
-  std::vector<Ort::Value> past;
-  const std::vector<int64_t> empty_shape{1, kv.n_head, 0, kv.head_dim};
-  for (int i = 0; i < 2 * kv.n_layer; ++i)
-    past.push_back(Ort::Value::CreateTensor<float>(alloc, empty_shape.data(), empty_shape.size()));
+  // One key and one value buffer per layer, sized for prompt + new tokens, bound once as past and as present.
+  const int64_t capacity = static_cast<int64_t>(prompt.size()) + new_tokens;
+  const std::vector<int64_t> kv_shape{1, kv.n_head, capacity, kv.head_dim};
+  const size_t kv_size = static_cast<size_t>(kv.n_head * capacity * kv.head_dim);
+  std::vector<std::vector<float>> cache(2 * kv.n_layer, std::vector<float>(kv_size));
+  std::vector<Ort::Value> cache_values;
+  for (int i = 0; i < kv.n_layer; ++i) {
+    for (const char* kind : {"key", "value"}) {
+      auto& buffer = cache[cache_values.size()];
+      cache_values.push_back(Ort::Value::CreateTensor<float>(mem, buffer.data(), buffer.size(), kv_shape.data(),
+                                                             kv_shape.size()));
+      binding.BindInput(("past_key_values." + std::to_string(i) + "." + kind).c_str(), cache_values.back());
+      binding.BindOutput(("present." + std::to_string(i) + "." + kind).c_str(), cache_values.back());
+    }
+  }
 
   std::vector<int64_t> ids = prompt, mask(prompt.size(), 1), positions(prompt.size());
   for (size_t i = 0; i < positions.size(); ++i) positions[i] = static_cast<int64_t>(i);
@@ -178,26 +170,25 @@ std::vector<int64_t> greedy(Ort::Session& session, const KvShape& kv, const std:
   while (static_cast<int>(generated.size()) < new_tokens) {
     const std::vector<int64_t> step_shape{1, static_cast<int64_t>(ids.size())};
     const std::vector<int64_t> mask_shape{1, static_cast<int64_t>(mask.size())};
-    std::vector<Ort::Value> inputs;
-    inputs.push_back(Ort::Value::CreateTensor<int64_t>(mem, ids.data(), ids.size(), step_shape.data(), 2));
-    inputs.push_back(Ort::Value::CreateTensor<int64_t>(mem, mask.data(), mask.size(), mask_shape.data(), 2));
-    inputs.push_back(Ort::Value::CreateTensor<int64_t>(mem, positions.data(), positions.size(), step_shape.data(), 2));
-    for (auto& value : past) inputs.push_back(std::move(value));
+    auto ids_value = Ort::Value::CreateTensor<int64_t>(mem, ids.data(), ids.size(), step_shape.data(), 2);
+    auto mask_value = Ort::Value::CreateTensor<int64_t>(mem, mask.data(), mask.size(), mask_shape.data(), 2);
+    auto pos_value = Ort::Value::CreateTensor<int64_t>(mem, positions.data(), positions.size(), step_shape.data(), 2);
+    binding.BindInput("input_ids", ids_value);
+    binding.BindInput("attention_mask", mask_value);
+    binding.BindInput("position_ids", pos_value);
+    // Re-bound (same slot) so that ORT allocates it afresh: its shape changes from [1, prompt, vocab] to [1, 1, vocab].
+    binding.BindOutput("logits", mem);
 
     auto start = std::chrono::steady_clock::now();
-    auto outputs = session.Run(Ort::RunOptions{nullptr}, names.input_ptrs.data(), inputs.data(), inputs.size(),
-                               names.output_ptrs.data(), names.output_ptrs.size());
+    session.Run(Ort::RunOptions{nullptr}, binding);
     double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
     if (generated.empty()) timings.prefill_ms = ms;
     else timings.decode_ms.push_back(ms);
 
-    const int64_t token = last_argmax(outputs[0]);
+    const int64_t token = last_argmax(binding.GetOutputValues()[0]);
     generated.push_back(token);
     if (eos && token == *eos) break;
 
-    // The presents (past + this step) become the next step's past, moved rather than copied.
-    past.clear();
-    for (size_t i = 1; i < outputs.size(); ++i) past.push_back(std::move(outputs[i]));
     const int64_t position = static_cast<int64_t>(mask.size());
     ids.assign(1, token);
     positions.assign(1, position);

@@ -7,8 +7,9 @@ What onnxruntime-genai 0.18 needs, and why the file looks the way it does:
   Optimum layout `export_gpt2` writes. genai's own "gpt2" type is the legacy layout with one combined
   `past_%d` [2, batch, heads, past, head_dim] tensor per layer and fails on this graph (tests/test_integration.py
   pins the error).
-- `past_present_share_buffer` is false: the graph's presents are `concat(past, new)` with a growing sequence
-  axis, not a max-length buffer written in place.
+- `past_present_share_buffer` is true: the graph's past and present are one max-length buffer per layer that
+  its attention (ORT MultiHeadAttention with past_sequence_length) writes the new positions into, and genai
+  then binds the same buffer to both, as Generator does.
 - `custom_ops_library` names the op library relative to the folder, and the folder holds a copy: genai refuses a
   library outside the model folder or the working directory (symlinks are resolved before the check).
   `rewrite` passes a fresh copy on to the rewritten model's folder (compressor.copy_sidecar_files).
@@ -34,7 +35,7 @@ def search_defaults(info: dict, generation_config: dict) -> dict:
     search = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": info["n_positions"],
               "min_length": 0, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
               "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0, "early_stopping": True,
-              "past_present_share_buffer": False}
+              "past_present_share_buffer": True}
     search.update({k: generation_config[k] for k in _SEARCH_FROM_HF if generation_config.get(k) is not None})
     return search
 

@@ -1,4 +1,4 @@
-"""Export a Hugging Face GPT-2 LM head model to ONNX with an Optimum-style KV cache.
+"""Export a Hugging Face GPT-2 LM head model to ONNX with a KV cache held in buffers written in place.
 
 The forward pass is re-implemented on top of the HF parameters instead of tracing HF's own forward: HF's cache
 classes, SDPA dispatch and mask helpers trace into graphs with baked-in sequence lengths or `is_causal` flags,
@@ -21,6 +21,8 @@ import onnx
 import torch
 from torch import nn
 from torch.onnx.operators import reshape_from_tensor_shape, shape_as_tensor
+
+from ..runtime.feeds import KV_CAPACITY_AXIS
 
 # onnxruntime 1.31 loads IR <= 13, while onnx 1.23 stamps 14 on anything it saves.
 ONNX_IR_VERSION = 10
@@ -96,7 +98,7 @@ def export_to_onnx(module: nn.Module, args: tuple, out_path: Path, *, input_name
             example_outputs = module(*args)
             torch.onnx.export(module, args, str(traced), dynamo=False, opset_version=opset,
                               input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
-                              do_constant_folding=True)
+                              do_constant_folding=True, custom_opsets={"com.microsoft": 1})
         model = onnx.load(str(traced))
     undo_initializer_dedup(model)
     set_static_output_dims(model, example_outputs, dynamic_axes)
@@ -195,8 +197,59 @@ def causal_padding_keep(attention_mask: torch.Tensor, seq_len: int) -> torch.Ten
     return causal[None, None, :, :] & attention_mask.bool()[:, None, None, :]
 
 
+class CacheAttention(torch.autograd.Function):
+    """Attention that appends this step's keys/values into a KV buffer in place: one ORT
+    `com.microsoft.MultiHeadAttention` node with `past_sequence_length`.
+
+    past_key/past_value are [batch, heads, capacity, head_dim] buffers whose first `past_len` positions hold
+    the cache; the new keys/values go to positions past_len .. past_len+seq and the buffer comes back as the
+    present, same shape. When the caller binds past and present to the same memory, ORT writes only the new
+    positions, so a decode step copies nothing of the past: the Concat form of the cache copied all of it at
+    every step and every layer (about 5 µs per cached position per step on a GPT-2-small shape).
+    `bias` is the additive mask [batch, 1, seq, past+seq]; `past_len` is int32 [1].
+
+    The forward is what ORT computes, for tracing and for checking the export against the HF model.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, past_key, past_value, past_len, n_head: int, scale: float):
+        batch, seq, width = q.shape
+        start = int(past_len[0])
+        end = start + seq
+        if end > past_key.shape[2]:
+            raise ValueError(f"KV buffer of {past_key.shape[2]} positions cannot take {start} + {seq}")
+
+        def heads(x):
+            return x.reshape(batch, seq, n_head, width // n_head).transpose(1, 2)
+
+        key, value = past_key.clone(), past_value.clone()
+        key[:, :, start:end] = heads(k)
+        value[:, :, start:end] = heads(v)
+        scores = torch.matmul(heads(q), key[:, :, :end].transpose(-1, -2)) * scale + bias
+        context = torch.matmul(torch.softmax(scores, dim=-1), value[:, :, :end])
+        return context.transpose(1, 2).reshape(batch, seq, width), key, value
+
+    @staticmethod
+    def symbolic(g, q, k, v, bias, past_key, past_value, past_len, n_head: int, scale: float):
+        from torch.onnx.symbolic_helper import _optional_input_placeholder_tensor as absent
+
+        outputs = g.op("com.microsoft::MultiHeadAttention", q, k, v, absent(g), absent(g), bias, past_key,
+                       past_value, past_len, num_heads_i=n_head, scale_f=scale, outputs=3)
+        for out, like in zip(outputs, (q, past_key, past_value)):
+            out.setType(like.type())  # torch has no shape inference for contrib ops
+        return outputs
+
+
+def additive_mask(keep: torch.Tensor) -> torch.Tensor:
+    """0 where `keep`, else the most negative finite float: a query whose keys are all hidden (a left-padding
+    position) then averages them uniformly instead of giving NaN, as HF does."""
+    hidden = torch.full((), torch.finfo(torch.float32).min)
+    return torch.where(keep, torch.zeros(()), hidden)
+
+
 class Gpt2KvGraph(nn.Module):
-    """GPT-2 forward with explicit past/present tensors, sharing the parameters of a `GPT2LMHeadModel`."""
+    """GPT-2 forward over a KV buffer written in place (`CacheAttention`), sharing the parameters of a
+    `GPT2LMHeadModel`."""
 
     def __init__(self, hf_model: nn.Module):
         super().__init__()
@@ -222,25 +275,26 @@ class Gpt2KvGraph(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         x = (self.wte(input_ids) + self.wpe(position_ids)).reshape(-1, self.n_embd)
-        keep = causal_padding_keep(attention_mask, input_ids.shape[1])
-        qkv_shape = token_shape(input_ids, 3 * self.n_head, self.n_embd // self.n_head)
+        bias = additive_mask(causal_padding_keep(attention_mask, input_ids.shape[1]))
+        # The cached length: the mask covers past + new positions, the KV buffers may be longer.
+        past_len = (shape_as_tensor(attention_mask)[1:] - shape_as_tensor(input_ids)[1:]).to(torch.int32)
+        qkv_shape = token_shape(input_ids, 3 * self.n_embd)
         presents = []
         for i, block in enumerate(self.h):
-            x, key, value = self._block(block, x, past[2 * i], past[2 * i + 1], keep, qkv_shape, self.scales[i])
+            x, key, value = self._block(block, x, past[2 * i], past[2 * i + 1], bias, past_len, qkv_shape,
+                                        self.scales[i])
             presents += [key, value]
         x = reshape_from_tensor_shape(self.ln_f(x), token_shape(input_ids, self.n_embd))
         logits = torch.matmul(x, self.lm_head_weight)
         return (logits, *presents)
 
-    def _block(self, block, x, past_key, past_value, keep, qkv_shape, scale):
+    def _block(self, block, x, past_key, past_value, bias, past_len, qkv_shape, scale):
         attn = block.attn
         qkv = gemm_linear(block.ln_1(x), attn.c_attn.weight, attn.c_attn.bias)
-        # One reshape and transpose for q, k and v together, then a split over the head axis.
-        q, k, v = split_heads(qkv, qkv_shape).split(self.n_head, dim=1)
-        key = torch.cat([past_key, k], dim=2)
-        value = torch.cat([past_value, v], dim=2)
-        context = merge_heads(masked_attention(q, key, value, keep, scale), self.n_embd)
-        x = x + gemm_linear(context, attn.c_proj.weight, attn.c_proj.bias)
+        q, k, v = reshape_from_tensor_shape(qkv, qkv_shape).split(self.n_embd, dim=2)
+        context, key, value = CacheAttention.apply(q, k, v, bias, past_key, past_value, past_len, self.n_head,
+                                                   scale)
+        x = x + gemm_linear(context.reshape(-1, self.n_embd), attn.c_proj.weight, attn.c_proj.bias)
         mlp = block.mlp
         hidden = mlp.act(gemm_linear(block.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias))
         x = x + gemm_linear(hidden, mlp.c_proj.weight, mlp.c_proj.bias)
@@ -257,19 +311,19 @@ def gpt2_io_names(n_layer: int) -> tuple[list[str], list[str], dict]:
             "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
             "position_ids": {0: "batch_size", 1: "sequence_length"},
             "logits": {0: "batch_size", 1: "sequence_length"}}
-    axes.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in past_names})
-    axes.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in present_names})
+    # One buffer shape for past and present: the present is the past buffer with this step's positions filled.
+    axes.update({n: {0: "batch_size", 2: KV_CAPACITY_AXIS} for n in past_names + present_names})
     inputs = ["input_ids", "attention_mask", "position_ids", *past_names]
     return inputs, ["logits", *present_names], axes
 
 
-def _tracing_inputs(cfg, batch: int = 2, past_len: int = 5, seq_len: int = 3) -> tuple:
+def _tracing_inputs(cfg, batch: int = 2, past_len: int = 5, seq_len: int = 3, capacity: int = 11) -> tuple:
     """Example inputs with distinct, non-trivial sizes so no size is mistaken for a broadcastable 1."""
     head_dim = cfg.n_embd // cfg.n_head
     input_ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), dtype=torch.int64)
     attention_mask = torch.ones(batch, past_len + seq_len, dtype=torch.int64)
     position_ids = torch.arange(past_len, past_len + seq_len, dtype=torch.int64).expand(batch, -1)
-    past = [torch.zeros(batch, cfg.n_head, past_len, head_dim) for _ in range(2 * cfg.n_layer)]
+    past = [torch.zeros(batch, cfg.n_head, capacity, head_dim) for _ in range(2 * cfg.n_layer)]
     return (input_ids, attention_mask, position_ids, *past)
 
 
