@@ -1,7 +1,7 @@
 """Decode/prefill speed and size of a GPT-2-small-shaped model (124 M, random init: speed does not depend on
 values): fp32 ORT, ORT MatMulNBits int4 (block 32, accuracy_level 4, Gemm converted to MatMul+Add so every
 layer is covered) and RBE variants, measured interleaved in one run; then the RBE GEMV kernels alone against
-the machine's measured read bandwidth. Writes BENCHMARKS.md.
+the machine's measured read bandwidth. Writes BENCHMARKS.md and docs/speed.png.
 
     python tools/bench.py [--work DIR] [--tokens 64] [--threads 2] [--rounds 2] [--only REGEX]
 
@@ -117,13 +117,18 @@ def read_bandwidth(buf: np.ndarray, threads: int) -> float:
     return buf.nbytes / (time.perf_counter() - t) / 1e9
 
 
-def kernel_bandwidth(threads: int, rounds: int) -> tuple[list[tuple[str, int, float, float]], dict[int, float]]:
+# The GEMV shapes reported one by one (K x N): the MLP's two projections and the lm_head.
+SHAPES_REPORTED = [(768, 3072), (3072, 768), (768, 50257)]
+
+
+def kernel_bandwidth(threads: int, rounds: int) -> tuple[list[dict], dict[int, float]]:
     """The decode step's GEMVs alone (M = 1, the 49 matrices of GPT-2 small in graph order, every weight
     distinct so each is streamed from memory as in the model): ms per step and GB/s of compressed weight
-    (codes + seeds), medians over interleaved repetitions, each GEMV timed inside the binding (activation
-    quantization, thread hand-off and kernel; Python's few microseconds per call left out). Also the machine's
-    read bandwidth by thread count, best of the samples taken between those repetitions: the machine's
-    bandwidth drifts by 10-15 % within minutes, and a share of it means most when both are read together."""
+    (codes + seeds) for the whole step and for each of SHAPES_REPORTED (all its instances in the step),
+    medians over interleaved repetitions, each GEMV timed inside the binding (activation quantization, thread
+    hand-off and kernel; Python's few microseconds per call left out). Also the machine's read bandwidth by
+    thread count, best of the samples taken between those repetitions: the machine's bandwidth drifts by
+    10-15 % within minutes, and a share of it means most when both are read together."""
     from rbe_onnx import _kernels
     from rbe_onnx.codec.seed import pack_seeds
 
@@ -135,15 +140,15 @@ def kernel_bandwidth(threads: int, rounds: int) -> tuple[list[tuple[str, int, fl
         if (bits, block) in sets:
             continue
         # Random valid seeds and codes (speed does not depend on the values), distinct memory per matrix.
-        ws, nbytes = [], 0
+        ws, nbytes = [], []
         for K, N in shapes:
             nb = -(-K // block)
             seeds = pack_seeds(rng.integers(0, 2000, (N, nb)), rng.integers(0, 16, (N, nb)),
                                rng.integers(-8, 8, (N, nb)), bits)
             codes = rng.integers(0, 256, N * nb * block * bits // 8, dtype=np.uint8)
             ws.append(_kernels.Weight(seeds, codes, K, N, block, bits, 1e-3))
-            nbytes += codes.nbytes + seeds.nbytes
-        sets[bits, block] = (ws, nbytes)
+            nbytes.append(codes.nbytes + seeds.nbytes)
+        sets[bits, block] = (ws, np.array(nbytes))
     acts = {K: rng.standard_normal((1, K)).astype(np.float32) for K in (768, 3072)}
     runs = [(c, t) for c in configs for t in sorted({1, threads})]
     times: dict = {r: [] for r in runs}
@@ -155,12 +160,17 @@ def kernel_bandwidth(threads: int, rounds: int) -> tuple[list[tuple[str, int, fl
         for (bits, block, level), nthreads in runs:
             ws, _ = sets[bits, block]
             times[(bits, block, level), nthreads].append(
-                sum(w.gemm_seconds(acts[K], threads=nthreads, accuracy_level=level) for w, (K, _) in zip(ws, shapes)))
+                [w.gemm_seconds(acts[K], threads=nthreads, accuracy_level=level) for w, (K, _) in zip(ws, shapes)])
+    groups = {"step": np.ones(len(shapes), bool), **{s: np.array([x == s for x in shapes]) for s in SHAPES_REPORTED}}
     rows = []
     for (bits, block, level), nthreads in runs:
-        dt = float(np.median(times[(bits, block, level), nthreads]))
-        label = f"{bits}-bit/{block} {'int8' if level == 4 else 'float'}"
-        rows.append((label, nthreads, 1e3 * dt, sets[bits, block][1] / dt / 1e9))
+        per_call = np.array(times[(bits, block, level), nthreads])  # [repetitions, 49]
+        nbytes = sets[bits, block][1]
+        row = {"label": f"{bits}-bit/{block} {'int8' if level == 4 else 'float'}", "threads": nthreads}
+        for name, pick in groups.items():
+            dt = float(np.median(per_call[:, pick].sum(1)))
+            row[name] = (1e3 * dt, nbytes[pick].sum() / dt / 1e9)  # ms, GB/s
+        rows.append(row)
     return rows, bandwidth
 
 
@@ -209,14 +219,52 @@ def main() -> None:
               "Machine read bandwidth (numpy sum of 512 MB, best of the samples taken between the kernels' "
               f"rounds): {bandwidth[1]:.1f} GB/s with 1 thread, {bandwidth[args.threads]:.1f} GB/s with "
               f"{args.threads}.", "",
-              "| kernel | threads | ms per decode step | GB/s of compressed weight | share of read bandwidth |",
-              "|---|---|---|---|---|"]
-    for label, nthreads, ms, gbs in kernels:
-        lines.append(f"| {label} | {nthreads} | {ms:.2f} | {gbs:.1f} | {100 * gbs / bandwidth[nthreads]:.0f} % |")
+              "GB/s of compressed weight and, in brackets, its share of the read bandwidth, for the whole step "
+              "and for each shape (K x N) over all its instances in the step (12 each, one lm_head):", "",
+              "| kernel | threads | ms per decode step | step | " +
+              " | ".join(f"{k}x{n}" for k, n in SHAPES_REPORTED) + " |",
+              "|---|---|---|---|" + "---|" * len(SHAPES_REPORTED)]
+    for row in kernels:
+        bw = bandwidth[row["threads"]]
+        cells = [f"{row[g][1]:.1f} ({100 * row[g][1] / bw:.0f} %)" for g in ("step", *SHAPES_REPORTED)]
+        lines.append(f"| {row['label']} | {row['threads']} | {row['step'][0]:.2f} | " + " | ".join(cells) + " |")
+    chart = ROOT / "docs" / "speed.png"
+    lines += ["", f"![decode ms/token and kernel GB/s](docs/{chart.name})"]
     text = "\n".join(lines) + "\n"
     if not args.no_write:
         write_section(ROOT / "BENCHMARKS.md", text)
+        plot(med, kernels, bandwidth, args.threads, chart)
     print(text)
+
+
+def plot(med: dict[str, dict], kernels: list[dict], bandwidth: dict[int, float], threads: int, path: Path) -> None:
+    """Two panels: decode ms/token of every model (the MatMulNBits anchor as a line), and the GEMVs' GB/s per
+    shape at `threads` threads against the machine's read bandwidth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    names = list(med)
+    a.barh(names, [med[n]["decode_ms"] for n in names], color=["grey" if n == NBITS else "C0" for n in names])
+    a.axvline(med[NBITS]["decode_ms"], color="grey", linestyle="--", linewidth=1)
+    a.set_xlabel("decode ms/token (lower is better)"), a.invert_yaxis()
+    a.set_title("GPT-2-small shape, batch 1")
+    rows = [r for r in kernels if r["threads"] == threads]
+    groups = ["step", *SHAPES_REPORTED]
+    width = 0.8 / len(rows)
+    for i, r in enumerate(rows):
+        b.bar(np.arange(len(groups)) + i * width, [r[g][1] for g in groups], width, label=r["label"])
+    b.axhline(bandwidth[threads], color="grey", linestyle="--", label=f"numpy read, {threads} threads")
+    b.set_xticks(np.arange(len(groups)) + 0.4 - width / 2,
+                 ["whole step"] + [f"{k}x{n}" for k, n in SHAPES_REPORTED])
+    b.set_ylabel("GB/s of compressed weight"), b.set_title(f"GEMV kernels alone, {threads} threads")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
