@@ -10,7 +10,7 @@ from rbe_onnx import _kernels
 from rbe_onnx.codec import RBEWeight, decode, encode
 from rbe_onnx.codec.seed import alpha_bits
 
-SIMD = [isa for isa in ("avx2", "avxvnni", "neon") if _kernels.isa_available(isa)]
+SIMD = [isa for isa in ("avx2", "avxvnni", "avx512", "neon") if _kernels.isa_available(isa)]
 
 
 def test_this_machine_has_a_simd_kernel():

@@ -215,3 +215,42 @@ def test_alpha_without_center_is_rejected(tmp_path):
         session(build(tmp_path, seeds=numpy_helper.from_array(_alpha_pattern(w.seeds, 0x8000), "seeds")))
     assert "bad_node" in str(err.value) and "seed [1, 1]: alpha nonzero but the node has no center vector" \
         in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("accuracy_level", [0, 4])
+def test_rbe_isa_forces_each_available_kernel(tmp_path, monkeypatch, accuracy_level):
+    """`RBE_ISA` (docs/USAGE.md) picks the kernel a session runs; every available one gives the scalar
+    kernel's product through ORT (M = 1 takes the GEMV, M = 9 the tiles)."""
+    from rbe_onnx import _kernels
+
+    w = encode(np.random.default_rng(1).standard_normal((K, N)).astype(np.float32), bits=3, block_size=64)
+    path = build(tmp_path, bits=3, seeds=numpy_helper.from_array(w.seeds, "seeds"), codes=w.codes,
+                 scale0=float(w.scale0), accuracy_level=accuracy_level)
+    rng = np.random.default_rng(2)
+    feeds = [{"A": rng.standard_normal((m, K)).astype(np.float32)} for m in (1, 9)]
+    monkeypatch.setenv("RBE_ISA", "scalar")
+    expected = [session(path).run(None, f)[0] for f in feeds]
+    np.testing.assert_allclose(expected[0], feeds[0]["A"] @ decode(w), rtol=0.05 if accuracy_level else 1e-5,
+                               atol=0.05 * np.abs(expected[0]).max() if accuracy_level else 1e-4)
+    for isa in ("avx2", "avxvnni", "avx512", "neon"):
+        if not _kernels.isa_available(isa):
+            continue
+        monkeypatch.setenv("RBE_ISA", isa)
+        s = session(path)
+        for f, y in zip(feeds, expected):
+            np.testing.assert_allclose(s.run(None, f)[0], y, rtol=1e-5, atol=1e-5 * np.abs(y).max(), err_msg=isa)
+
+
+@pytest.mark.parametrize("isa,message", [("sse9", "unknown kernel ISA 'sse9'"), ("missing", None)])
+def test_rbe_isa_names_a_bad_or_missing_kernel(tmp_path, monkeypatch, isa, message):
+    from rbe_onnx import _kernels
+
+    if isa == "missing":
+        absent = [n for n in ("avx2", "avxvnni", "avx512", "neon") if not _kernels.isa_available(n)]
+        if not absent:
+            pytest.skip("every kernel ISA is available on this machine")
+        isa, message = absent[0], f"RBE_ISA={absent[0]} is not available on this CPU"
+    monkeypatch.setenv("RBE_ISA", isa)
+    with pytest.raises(Exception) as err:
+        session(build(tmp_path))
+    assert "bad_node" in str(err.value) and message in str(err.value), str(err.value)

@@ -213,7 +213,10 @@ def main() -> None:
                      f"{m['prefill256_ms']:.1f} | {m['prefill256_ms'] / anchor['prefill256_ms']:.2f}x | "
                      f"{m['peak_rss_mb']:.0f} |")
     kernels, bandwidth = kernel_bandwidth(args.threads, args.rounds)
-    lines += ["", "Kernels alone (M = 1): the decode step's 49 GEMVs (GPT-2 small, graph order, each weight "
+    from rbe_onnx import _kernels
+
+    lines += ["", f"Kernel ISA (the op library's and the binding's choice on this CPU): `{_kernels.best_isa()}`.", "",
+              "Kernels alone (M = 1): the decode step's 49 GEMVs (GPT-2 small, graph order, each weight "
               "distinct in memory; the binding keeps its worker threads parked between calls, as ORT does), each "
               "timed inside the binding around the C++ call (activation quantization, thread hand-off, kernel). "
               "Machine read bandwidth (numpy sum of 512 MB, best of the samples taken between the kernels' "

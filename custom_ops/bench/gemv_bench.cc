@@ -1,14 +1,19 @@
 // GEMV kernels (M = 1) timed in C++ alone, without Python, ORT or a model around them: the tool for kernel
 // work, where a change of a few percent drowns in tools/bench.py's run-to-run spread.
 //
-//   rbe_gemv_bench [isa]        isa: auto (default), avx2, avxvnni, neon, scalar
+//   rbe_gemv_bench [isa]        isa: auto (default), avx2, avxvnni, avx512, neon, scalar
 //
 // For each setting (bits/block, accuracy level) it prints
 //   hot:  ns per 256 weights of one 768 x 3072 weight read over and over (it stays in L2): compute alone;
 //   cold: ms per decode step of GPT-2 small's 49 matrices, after reading 512 MB of other memory (so the step
 //         streams its weights from DRAM), with 1 and 2 threads, and the GB/s of codes + seeds that is;
-//   read: the same bytes' codes only, summed with the same column split: what memory gives a plain stream.
+//   read: the same bytes' codes only, summed with the same column split by a loop that does nothing else
+//         (32-byte loads, four accumulators, the GEMVs' prefetch): what memory gives a plain stream. (A scalar
+//         8-byte loop, used before, was itself the bottleneck at ~12 GB/s per thread and flattered the GEMVs.)
 // Medians of 15 repetitions. Seeds and codes are random and valid (speed does not depend on the values).
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -98,6 +103,37 @@ class Pool {
   std::thread helper_;
 };
 
+// Σ of n bytes as 64-bit lanes (n a multiple of 128): the read-only ceiling the GEMVs are compared against.
+#if defined(__x86_64__)
+__attribute__((target("avx2"), noinline)) uint64_t sum_bytes(const uint8_t* p, size_t n) {
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  for (size_t k = 0; k < n; k += 128) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + k) + 4096, _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(p + k) + 4096 + 64, _MM_HINT_T1);
+    a0 = _mm256_add_epi64(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k)));
+    a1 = _mm256_add_epi64(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k + 32)));
+    a2 = _mm256_add_epi64(a2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k + 64)));
+    a3 = _mm256_add_epi64(a3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + k + 96)));
+  }
+  const __m256i s = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
+  return static_cast<uint64_t>(_mm256_extract_epi64(s, 0) + _mm256_extract_epi64(s, 1) + _mm256_extract_epi64(s, 2) +
+                               _mm256_extract_epi64(s, 3));
+}
+#else
+__attribute__((noinline)) uint64_t sum_bytes(const uint8_t* p, size_t n) {
+  uint64_t s[4] = {};
+  for (size_t k = 0; k < n; k += 32) {
+    __builtin_prefetch(p + k + 4096, 0, 2);
+    for (int j = 0; j < 4; ++j) {
+      uint64_t v;
+      std::memcpy(&v, p + k + 8 * j, 8);
+      s[j] += v;
+    }
+  }
+  return s[0] + s[1] + s[2] + s[3];
+}
+#endif
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -161,15 +197,10 @@ int main(int argc, char** argv) {
       std::atomic<uint64_t> sink{0};
       const double t_read = time_median([&](int) {
         for (const Matrix& m : step) {
-          const size_t n = m.codes.size() / 32 * 32, part = n / 4 / 32 * 32;  // four tasks, as the GEMV's split
+          const size_t n = m.codes.size() / 128 * 128, part = n / 4 / 128 * 128;  // four tasks, as the GEMV's split
           pf(4, [&](size_t t) {
-            uint64_t s = 0;
-            const size_t end = t == 3 ? n : (t + 1) * part;
-            for (size_t k = t * part; k < end; k += 8) {
-              uint64_t v;
-              std::memcpy(&v, m.codes.data() + k, 8);
-              s += v;
-            }
+            const size_t begin = t * part, end = t == 3 ? n : (t + 1) * part;
+            const uint64_t s = sum_bytes(m.codes.data() + begin, end - begin);
             sink += s;
           });
         }

@@ -164,6 +164,7 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
   w.codes = codes;
   w.scale.resize(n_blocks);
   w.offset.resize(n_blocks);
+  w.scaled_offset.resize(n_blocks);
   w.theta.resize(n_blocks);
   if (has_center) {
     w.alpha.resize(n_blocks);
@@ -193,6 +194,7 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
     const double d = static_cast<double>(shape.scale0) * std::exp(f.rho / 512.0);
     w.scale[i] = static_cast<float>(d);
     w.offset[i] = static_cast<float>(f.offset);
+    w.scaled_offset[i] = w.scale[i] * w.offset[i];
     w.theta[i] = static_cast<uint8_t>(f.theta);
     if (outliers != nullptr) w.outlier_first[i + 1] = w.outlier_first[i] + f.outliers;
     if (has_center) w.alpha[(i % nb) * shape.N + i / nb] = half_to_float(static_cast<uint16_t>(f.alpha_bits));

@@ -536,7 +536,7 @@ void test_malformed() {
     std::vector<float> A(static_cast<size_t>(good.shape.K), 1.f), Y(static_cast<size_t>(good.shape.N));
     rbe::gemm(w, A.data(), 1, nullptr, Y.data(), rbe::Isa::Scalar, rbe::serial_for, 5);
   });
-  for (rbe::Isa isa : {rbe::Isa::Avx2, rbe::Isa::Avx2Vnni, rbe::Isa::Neon})
+  for (rbe::Isa isa : {rbe::Isa::Avx2, rbe::Isa::Avx2Vnni, rbe::Isa::Avx512, rbe::Isa::Neon})
     if (!rbe::isa_available(isa)) {
       expect_format_error(std::string("gemm on unavailable ISA ") + rbe::isa_name(isa), [&] {
         const rbe::PreparedWeight w = rbe::prepare_weight(good.shape, good.seeds.data(),
@@ -552,7 +552,7 @@ void test_malformed() {
 int main() {
   std::vector<rbe::Isa> simd;
   std::string isas = "scalar";
-  for (rbe::Isa isa : {rbe::Isa::Avx2, rbe::Isa::Avx2Vnni, rbe::Isa::Neon})
+  for (rbe::Isa isa : {rbe::Isa::Avx2, rbe::Isa::Avx2Vnni, rbe::Isa::Avx512, rbe::Isa::Neon})
     if (rbe::isa_available(isa)) {
       simd.push_back(isa);
       isas += std::string(" ") + rbe::isa_name(isa);

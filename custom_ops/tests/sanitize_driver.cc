@@ -233,6 +233,14 @@ std::vector<rbe::Isa> available_isas() {
   return out;
 }
 
+// The ISAs with their own int8 code (accuracy_level 4): Avx2Vnni and Avx512 differ from Avx2 only there.
+std::vector<rbe::Isa> int8_isas() {
+  std::vector<rbe::Isa> out;
+  for (rbe::Isa isa : {rbe::Isa::Avx2, rbe::Isa::Avx2Vnni, rbe::Isa::Avx512, rbe::Isa::Neon})
+    if (rbe::isa_available(isa)) out.push_back(isa);
+  return out;
+}
+
 // Runs every available ISA on one weight and A and checks each against the reference and the scalar kernel.
 void check_gemm_case(const Buffers& b, int64_t M, bool with_bias, bool threaded, std::mt19937_64& rng,
                      int nan_row = -1, int inf_row = -1) {
@@ -283,6 +291,29 @@ void check_gemm_case(const Buffers& b, int64_t M, bool with_bias, bool threaded,
           expect(false, name + ": row with NaN gives a non-NaN output at column " + std::to_string(n));
           break;
         }
+  }
+  // The int8 path under the sanitizers too, each ISA against the scalar int8 kernel: the same integers
+  // (kernels.h), so only the order of the float sum of the per-block terms differs.
+  std::unique_ptr<float[]> scalar8(new float[ny]);
+  rbe::gemm(w, A.get(), M, bias.get(), scalar8.get(), rbe::Isa::Scalar, rbe::serial_for, rbe::kAccuracyInt8);
+  double scale = 1.0;
+  for (size_t i = 0; i < ny; ++i)
+    if (std::isfinite(scalar8[i])) scale = std::max(scale, static_cast<double>(std::fabs(scalar8[i])));
+  for (rbe::Isa isa : int8_isas()) {
+    std::unique_ptr<float[]> y(new float[ny]);
+    std::fill(y.get(), y.get() + ny, -12345.f);
+    if (threaded) rbe::gemm(w, A.get(), M, bias.get(), y.get(), isa, thread_pool(3), rbe::kAccuracyInt8);
+    else rbe::gemm(w, A.get(), M, bias.get(), y.get(), isa, rbe::serial_for, rbe::kAccuracyInt8);
+    const std::string name = tag + " int8 " + rbe::isa_name(isa);
+    for (size_t i = 0; i < ny; ++i) {
+      const bool finite = std::isfinite(y[i]);
+      if (finite != static_cast<bool>(std::isfinite(scalar8[i])) ||
+          (finite && std::fabs(static_cast<double>(y[i]) - scalar8[i]) > 1e-5 * scale)) {
+        expect(false, name + ": differs from the scalar int8 kernel at " + std::to_string(i) + " (" +
+                          std::to_string(y[i]) + " vs " + std::to_string(scalar8[i]) + ")");
+        break;
+      }
+    }
   }
 }
 

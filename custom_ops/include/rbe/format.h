@@ -54,6 +54,7 @@ struct PreparedWeight {
   const uint8_t* codes = nullptr;      // borrowed: shape.code_bytes() bytes
   std::vector<float> scale;            // [N·nb]
   std::vector<float> offset;           // [N·nb]: o
+  std::vector<float> scaled_offset;    // [N·nb]: d·o, the offset term's weight side (int8 GEMV, tiles)
   std::vector<uint8_t> theta;          // [N·nb]
   alignas(32) int8_t lut[kThetaSteps][16] = {};  // int8 levels for 2/3/4-bit codes, by theta
   std::vector<std::vector<int>> levels;           // [16][2^bits] int levels (8-bit: one table at [8])

@@ -13,11 +13,13 @@ namespace rbe {
 
 // Avx2Vnni: the AVX2/FMA kernels, with the int8 path (accuracy_level 4) on VPDPBUSD (AVX-VNNI, VEX
 // encoded, 256-bit; no AVX-512 needed). Its float path is the Avx2 one.
-enum class Isa { Scalar, Avx2, Neon, Avx2Vnni };
+// Avx512: Avx2Vnni's kernels on 256-bit registers with AVX-512 F/BW/VL/VNNI/VBMI instructions where they
+// shorten the int8 GEMV (vpermb lookups, vpternlogd merges); everything else as Avx2Vnni.
+enum class Isa { Scalar, Avx2, Neon, Avx2Vnni, Avx512 };
 
 bool isa_available(Isa isa);
 Isa best_isa();
-const char* isa_name(Isa isa);               // "scalar", "avx2", "neon", "avxvnni"
+const char* isa_name(Isa isa);               // "scalar", "avx2", "neon", "avxvnni", "avx512"
 Isa isa_from_name(const std::string& name);  // one of those or "auto"; throws on others
 
 // Runs task(i) for every i in [0, n), possibly in parallel (ORT's intra-op pool in the op library).

@@ -58,6 +58,15 @@ bool isa_available(Isa isa) {
 #else
       return false;
 #endif
+    case Isa::Avx512:
+#if defined(RBE_HAVE_AVX2)
+      // __builtin_cpu_supports also checks that the OS saves the AVX-512 state (XCR0).
+      return isa_available(Isa::Avx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+             __builtin_cpu_supports("avx512vbmi");
+#else
+      return false;
+#endif
     case Isa::Neon:
 #if defined(RBE_HAVE_NEON)
       return true;
@@ -69,6 +78,7 @@ bool isa_available(Isa isa) {
 }
 
 Isa best_isa() {
+  if (isa_available(Isa::Avx512)) return Isa::Avx512;
   if (isa_available(Isa::Avx2Vnni)) return Isa::Avx2Vnni;
   if (isa_available(Isa::Avx2)) return Isa::Avx2;
   if (isa_available(Isa::Neon)) return Isa::Neon;
@@ -79,6 +89,7 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Avx2: return "avx2";
     case Isa::Avx2Vnni: return "avxvnni";
+    case Isa::Avx512: return "avx512";
     case Isa::Neon: return "neon";
     default: return "scalar";
   }
@@ -86,9 +97,9 @@ const char* isa_name(Isa isa) {
 
 Isa isa_from_name(const std::string& name) {
   if (name == "auto") return best_isa();
-  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx2Vnni, Isa::Neon})
+  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx2Vnni, Isa::Avx512, Isa::Neon})
     if (name == isa_name(isa)) return isa;
-  throw FormatError("unknown kernel ISA '" + name + "' (scalar, avx2, avxvnni, neon or auto)");
+  throw FormatError("unknown kernel ISA '" + name + "' (scalar, avx2, avxvnni, avx512, neon or auto)");
 }
 
 void serial_for(size_t n, const std::function<void(size_t)>& task) {
@@ -111,6 +122,7 @@ int64_t hardware_threads() {
 #if !defined(RBE_HAVE_AVX2)
 void gemm_columns_avx2(const GemmProblem&, int64_t, int64_t) { throw FormatError("AVX2 kernel not built"); }
 void gemm_columns_avx2vnni(const GemmProblem&, int64_t, int64_t) { throw FormatError("AVX2 kernel not built"); }
+void gemm_columns_avx512(const GemmProblem&, int64_t, int64_t) { throw FormatError("AVX2 kernel not built"); }
 #endif
 #if !defined(RBE_HAVE_NEON)
 void gemm_columns_neon(const GemmProblem&, int64_t, int64_t) { throw FormatError("NEON kernel not built"); }
@@ -262,22 +274,26 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
   if (M <= 0) return;
   const WeightShape& s = w.shape;
   const int64_t nb = s.blocks_per_column(), Kp = s.padded_K();
-  std::vector<float> a_pad, a_sums, a_scale, a_qsum_scaled;
+  std::vector<float> a_pad, a_sums, a_scale, a_qsum_scaled, a_qsum_scaled_lane;
   std::vector<int8_t> a_q;
-  std::vector<int32_t> a_qsum, a_qsum_init;
-  GemmProblem p{&w, nullptr, nullptr, M, bias, Y, nullptr, nullptr, nullptr, nullptr, nullptr};
+  std::vector<int32_t> a_qsum, a_qsum_init, a_qsum_init_lane;
+  GemmProblem p{&w, nullptr, nullptr, M, bias, Y, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
   if (accuracy_level == kAccuracyInt8) {
     a_q.resize(static_cast<size_t>(M * Kp));
     a_scale.resize(static_cast<size_t>(M * nb));
     a_qsum.resize(static_cast<size_t>(M * nb));
     a_qsum_scaled.resize(static_cast<size_t>(M * nb));
     a_qsum_init.resize(static_cast<size_t>(M * nb));
+    a_qsum_scaled_lane.resize(static_cast<size_t>(M * nb));
+    a_qsum_init_lane.resize(static_cast<size_t>(M * nb));
     auto quantize = [&](size_t m) {
       quantize_row_int8(A + m * s.K, s.K, s.block_size, a_q.data() + m * Kp, a_scale.data() + m * nb,
                         a_qsum.data() + m * nb);
       for (int64_t b = 0; b < nb; ++b) {
         a_qsum_scaled[m * nb + b] = a_scale[m * nb + b] * static_cast<float>(a_qsum[m * nb + b]);
         a_qsum_init[m * nb + b] = -128 * a_qsum[m * nb + b];
+        a_qsum_scaled_lane[m * nb + b] = a_qsum_scaled[m * nb + b] * 0.125f;
+        a_qsum_init_lane[m * nb + b] = -16 * a_qsum[m * nb + b];
       }
     };
     if (M * Kp >= (int64_t{1} << 16)) parallel_for(static_cast<size_t>(M), quantize);
@@ -287,6 +303,8 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
     p.a_qsum = a_qsum.data();
     p.a_qsum_scaled = a_qsum_scaled.data();
     p.a_qsum_init = a_qsum_init.data();
+    p.a_qsum_scaled_lane = a_qsum_scaled_lane.data();
+    p.a_qsum_init_lane = a_qsum_init_lane.data();
   } else {
     a_pad.assign(static_cast<size_t>(M * Kp), 0.f);
     a_sums.resize(static_cast<size_t>(M * nb));
@@ -306,6 +324,7 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
   switch (isa) {
     case Isa::Avx2: kernel = gemm_columns_avx2; break;
     case Isa::Avx2Vnni: kernel = gemm_columns_avx2vnni; break;
+    case Isa::Avx512: kernel = gemm_columns_avx512; break;
     case Isa::Neon: kernel = gemm_columns_neon; break;
     default: kernel = int8 ? gemm_columns_scalar_int8 : gemm_columns_scalar; break;
   }

@@ -124,19 +124,16 @@ inline __m256i block_lut(const PreparedWeight& w, int64_t blk) {
   return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(w.lut[w.theta[blk]])));
 }
 
-// Σ_b d_b·o_b·t_b over a column's nb blocks (d, o: the column's scale and offset arrays; t: one row's
-// per-block activation sums), eight blocks per step: three vector operations per eight blocks instead of a
-// scalar multiply-add chain per block.
-inline float offset_term(const float* d, const float* o, const float* t, int64_t nb) {
+// Σ_b e_b·t_b over a column's nb blocks (e: the column's d·o; t: one row's per-block activation sums),
+// eight blocks per step: two vector operations per eight blocks instead of a scalar chain per block.
+inline float offset_term(const float* e, const float* t, int64_t nb) {
   __m256 acc = _mm256_setzero_ps();
   int64_t b = 0;
-  for (; b + 8 <= nb; b += 8)
-    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(d + b), _mm256_loadu_ps(o + b)), _mm256_loadu_ps(t + b), acc);
+  for (; b + 8 <= nb; b += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(e + b), _mm256_loadu_ps(t + b), acc);
   if (b < nb) {
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(nb - b)),
                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_maskload_ps(d + b, mask), _mm256_maskload_ps(o + b, mask)),
-                          _mm256_maskload_ps(t + b, mask), acc);
+    acc = _mm256_fmadd_ps(_mm256_maskload_ps(e + b, mask), _mm256_maskload_ps(t + b, mask), acc);
   }
   return hsum(acc);
 }
@@ -145,6 +142,11 @@ inline float offset_term(const float* d, const float* o, const float* t, int64_t
 // path, one thread: 768 B (the old "two columns ahead" at K = 768) 10.6 GB/s, 1 KiB 12.8, 2 KiB 14.4,
 // 4-8 KiB 15.2, 16 KiB 14.4.
 constexpr int64_t kPrefetchBytes = 4096;
+// Into L2, not L1: 4 KiB ahead is 64 lines in flight, more than the core's L1 fill buffers hold, while L2
+// tracks more misses and the decoder's loads then hit L2. rbe_gemv_bench, cold, four interleaved rounds of
+// each (ms per step, 3-bit/256 int8): T0 5.45-5.74 (1 thread), 2.63-3.02 (2 threads); T1 4.85-4.91 and
+// 2.57-2.72. 8 and 16 KiB into L2, or T2, measured no better than 4 KiB.
+constexpr auto kPrefetchHint = _MM_HINT_T1;
 
 // A task's codes are one contiguous stream (columns are stored one after the other, §4): keep explicit
 // prefetches kPrefetchBytes ahead of column n (short per-column streams never let the hardware prefetcher
@@ -162,15 +164,30 @@ struct Prefetcher {
   // then deletes the calls (it did: the object had no prefetch instruction left).
   __attribute__((always_inline)) void operator()(int64_t n) const {
     const char* from = reinterpret_cast<const char*>(w.codes + n * column_bytes) + kPrefetchBytes;
-    for (int64_t off = 0; off < column_bytes && from + off < end; off += 64) _mm_prefetch(from + off, _MM_HINT_T0);
+    for (int64_t off = 0; off < column_bytes && from + off < end; off += 64) _mm_prefetch(from + off, kPrefetchHint);
+    tables(n);
+  }
+
+  // The block tables of the column kPrefetchBytes ahead of column n.
+  __attribute__((always_inline)) void tables(int64_t n) const {
     const int64_t blk = (n + ahead_columns) * nb;
     if (blk < w.shape.N * nb) {
       _mm_prefetch(reinterpret_cast<const char*>(w.scale.data() + blk), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(w.offset.data() + blk), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w.scaled_offset.data() + blk), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(w.theta.data() + blk), _MM_HINT_T0);
     }
   }
 };
+
+// The codes kPrefetchBytes ahead of a block of BB bytes being read, one prefetch per 64 bytes of the block:
+// consecutive blocks are contiguous, so every line of the stream is touched. Inside the block loop this
+// costs one or two instructions per block where a per-column loop (with its bound checks) cost ~35 per
+// 288-byte 3-bit/256 column at K = 768. PREFETCHh never faults, so the last blocks need no bound check.
+template <int64_t BB>
+__attribute__((always_inline)) inline void prefetch_block(const uint8_t* block) {
+  for (int64_t off = 0; off < BB; off += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(block) + kPrefetchBytes + off, kPrefetchHint);
+}
 
 // Rows [m0, m0+R) against columns [n0, n1): each group of codes is decoded once into four float vectors
 // and used by all R rows, so batched decoding (R = batch size) costs little more than one row. BS (the
@@ -215,9 +232,9 @@ void gemv_rows(const GemmProblem& p, int64_t m0, int64_t n0, int64_t n1) {
       const __m256 d = _mm256_broadcast_ss(dcol + b);
       for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_add_ps(d0[r], d1[r]), d, acc[r]);
     }
-    const float* ocol = w.offset.data() + n * nb;
+    const float* ecol = w.scaled_offset.data() + n * nb;
     for (int r = 0; r < R; ++r)
-      p.Y[(m0 + r) * N + n] = hsum(acc[r]) + offset_term(dcol, ocol, sums + r * nb, nb) + (p.bias ? p.bias[n] : 0.f);
+      p.Y[(m0 + r) * N + n] = hsum(acc[r]) + offset_term(ecol, sums + r * nb, nb) + (p.bias ? p.bias[n] : 0.f);
   }
 }
 
@@ -399,22 +416,36 @@ void run_float(const GemmProblem& p, int64_t n0, int64_t n1) {
   }
 }
 
-// The int8 path twice: plain AVX2, then with AVX-VNNI enabled on every function of the second copy (a
-// function attribute, not a file flag, so the rest of this file runs on any AVX2 CPU).
+// The int8 path three times: plain AVX2; with AVX-VNNI; with AVX-512 VL/VNNI/VBMI on 256-bit registers.
+// Function attributes, not file flags, so the rest of this file runs on any AVX2 CPU.
 #define RBE_I8_NS i8_avx2
 #define RBE_I8_VNNI 0
+#define RBE_I8_VBMI 0
 #define RBE_I8_TARGET
 #include "gemm_avx2_int8.inc"
 #undef RBE_I8_NS
 #undef RBE_I8_VNNI
+#undef RBE_I8_VBMI
 #undef RBE_I8_TARGET
 
 #define RBE_I8_NS i8_vnni
 #define RBE_I8_VNNI 1
+#define RBE_I8_VBMI 0
 #define RBE_I8_TARGET __attribute__((target("avx2,fma,avxvnni")))
 #include "gemm_avx2_int8.inc"
 #undef RBE_I8_NS
 #undef RBE_I8_VNNI
+#undef RBE_I8_VBMI
+#undef RBE_I8_TARGET
+
+#define RBE_I8_NS i8_avx512
+#define RBE_I8_VNNI 1
+#define RBE_I8_VBMI 1
+#define RBE_I8_TARGET __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
+#include "gemm_avx2_int8.inc"
+#undef RBE_I8_NS
+#undef RBE_I8_VNNI
+#undef RBE_I8_VBMI
 #undef RBE_I8_TARGET
 
 }  // namespace
@@ -426,6 +457,11 @@ void gemm_columns_avx2(const GemmProblem& p, int64_t n0, int64_t n1) {
 
 void gemm_columns_avx2vnni(const GemmProblem& p, int64_t n0, int64_t n1) {
   if (p.a_q) return i8_vnni::run_int8(p, n0, n1);
+  run_float(p, n0, n1);
+}
+
+void gemm_columns_avx512(const GemmProblem& p, int64_t n0, int64_t n1) {
+  if (p.a_q) return i8_avx512::run_int8(p, n0, n1);
   run_float(p, n0, n1);
 }
 

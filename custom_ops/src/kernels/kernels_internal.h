@@ -28,6 +28,10 @@ struct GemmProblem {
   const int32_t* a_qsum;      // M x nb: Σ q over the block
   const float* a_qsum_scaled; // M x nb: s · Σ q (float), for the offset term d·o·s·Σq
   const int32_t* a_qsum_init; // M x nb: -128 · Σ q, where a VNNI accumulator of Σ (L + 128)·q starts
+  // The same two split over the 8 lanes of one accumulator (exact: Σq·s/8 is a power-of-two scaling and
+  // -128·Σq/8 = -16·Σq), so the GEMV loads them as broadcasts instead of building a one-lane vector per block.
+  const float* a_qsum_scaled_lane;  // M x nb: s · Σ q / 8
+  const int32_t* a_qsum_init_lane;  // M x nb: -16 · Σ q
 };
 
 // Each kernel computes columns [n0, n1) of Y for all M rows, on the float path or, when p.a_q is set, the
@@ -36,6 +40,7 @@ void gemm_columns_scalar(const GemmProblem& p, int64_t n0, int64_t n1);  // floa
 void gemm_columns_scalar_int8(const GemmProblem& p, int64_t n0, int64_t n1);
 void gemm_columns_avx2(const GemmProblem& p, int64_t n0, int64_t n1);
 void gemm_columns_avx2vnni(const GemmProblem& p, int64_t n0, int64_t n1);
+void gemm_columns_avx512(const GemmProblem& p, int64_t n0, int64_t n1);
 void gemm_columns_neon(const GemmProblem& p, int64_t n0, int64_t n1);
 
 }  // namespace rbe
