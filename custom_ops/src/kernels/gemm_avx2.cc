@@ -148,27 +148,20 @@ constexpr int64_t kPrefetchBytes = 4096;
 // 2.57-2.72. 8 and 16 KiB into L2, or T2, measured no better than 4 KiB.
 constexpr auto kPrefetchHint = _MM_HINT_T1;
 
-// A task's codes are one contiguous stream (columns are stored one after the other, §4): keep explicit
-// prefetches kPrefetchBytes ahead of column n (short per-column streams never let the hardware prefetcher
-// get far enough ahead), and touch the block tables of the column being prefetched.
+// A task's codes are one contiguous stream (columns are stored one after the other, §4): the GEMVs keep
+// explicit prefetches kPrefetchBytes ahead of the block being read (short per-column streams never let the
+// hardware prefetcher get far enough ahead; prefetch_block), and touch the block tables of the column being
+// prefetched (Prefetcher), one set of prefetches per column.
 struct Prefetcher {
   const PreparedWeight& w;
   int64_t column_bytes, nb;
-  // Columns between the one being read and the one being prefetched, and the end of the codes, worked out
-  // once per task: done per column they cost two divisions (idiv, 10+ cycles each, against ~60 cycles of
-  // decoding for a 3-bit/256 column at K = 768; seen in objdump).
+  // Columns between the one being read and the one being prefetched, worked out once per task: done per
+  // column it cost a division (idiv, 10+ cycles, against ~60 cycles of decoding for a 3-bit/256 column at
+  // K = 768; seen in objdump).
   int64_t ahead_columns = kPrefetchBytes / column_bytes;
-  const char* end = reinterpret_cast<const char*>(w.codes + w.shape.code_bytes());
 
   // always_inline: a function holding nothing but prefetches looks side-effect free to GCC's IPA, which
   // then deletes the calls (it did: the object had no prefetch instruction left).
-  __attribute__((always_inline)) void operator()(int64_t n) const {
-    const char* from = reinterpret_cast<const char*>(w.codes + n * column_bytes) + kPrefetchBytes;
-    for (int64_t off = 0; off < column_bytes && from + off < end; off += 64) _mm_prefetch(from + off, kPrefetchHint);
-    tables(n);
-  }
-
-  // The block tables of the column kPrefetchBytes ahead of column n.
   __attribute__((always_inline)) void tables(int64_t n) const {
     const int64_t blk = (n + ahead_columns) * nb;
     if (blk < w.shape.N * nb) {
@@ -203,12 +196,13 @@ void gemv_rows(const GemmProblem& p, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t column_bytes = nb * bb;
   const Prefetcher prefetch_ahead{w, column_bytes, nb};
   for (int64_t n = n0; n < n1; ++n) {
-    prefetch_ahead(n);
+    prefetch_ahead.tables(n);
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     const uint8_t* codes = w.codes + n * column_bytes;
     const float* dcol = w.scale.data() + n * nb;
     for (int64_t b = 0; b < nb; ++b, codes += bb) {
+      prefetch_block<bb>(codes);
       const __m256i lut = block_lut(w, n * nb + b);
       __m256 d0[R], d1[R];  // two chains per row hide the FMA latency
       for (int r = 0; r < R; ++r) d0[r] = d1[r] = _mm256_setzero_ps();
