@@ -207,8 +207,9 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
   w.levels.resize(kThetaSteps);
   for (int t = 0; t < kThetaSteps; ++t) {
     w.levels[t] = level_table(static_cast<int>(shape.bits), shape.bits == 8 ? kUniformTheta : t);
-    if (shape.bits != 8)
-      for (size_t c = 0; c < w.levels[t].size(); ++c) w.lut[t][c] = static_cast<int8_t>(w.levels[t][c]);
+    if (shape.bits == 8) continue;
+    for (size_t c = 0; c < w.levels[t].size(); ++c) w.lut[t][c] = static_cast<int8_t>(w.levels[t][c]);
+    for (size_t c = 0; c < 64; ++c) w.lut_vnni[t][c] = static_cast<uint8_t>(w.levels[t][c % w.levels[t].size()] + 128);
   }
   if (outliers != nullptr) prepare_outliers(w, outliers, n_outlier_bytes);
   return w;

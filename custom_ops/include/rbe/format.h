@@ -57,6 +57,10 @@ struct PreparedWeight {
   std::vector<float> scaled_offset;    // [N·nb]: d·o, the offset term's weight side (int8 GEMV, tiles)
   std::vector<uint8_t> theta;          // [N·nb]
   alignas(32) int8_t lut[kThetaSteps][16] = {};  // int8 levels for 2/3/4-bit codes, by theta
+  // The same levels as VPDPBUSD's unsigned operand, L + 128, repeated every 2^bits entries up to 64: what
+  // every x86 int8 GEMV looks codes up in (pshufb the first 16 bytes, vpermb 32 or 64, which may see index
+  // bits above a code's width), built once here rather than per kernel call. Zero for 8-bit codes.
+  alignas(64) uint8_t lut_vnni[kThetaSteps][64] = {};
   std::vector<std::vector<int>> levels;           // [16][2^bits] int levels (8-bit: one table at [8])
   // The center vector (§5.1), both empty without one: alpha [nb·N], the seeds' binary16 α as float32, block
   // b of column n at b·N + n (block-major, unlike the other tables: the center term runs along n, so its
