@@ -144,8 +144,8 @@ inline float offset_term(const float* e, const float* t, int64_t nb) {
 constexpr int64_t kPrefetchBytes = 4096;
 // Into L2, not L1: 4 KiB ahead is 64 lines in flight, more than the core's L1 fill buffers hold, while L2
 // tracks more misses and the decoder's loads then hit L2. rbe_gemv_bench, cold, four interleaved rounds of
-// each (ms per step, 3-bit/256 int8): T0 5.45-5.74 (1 thread), 2.63-3.02 (2 threads); T1 4.85-4.91 and
-// 2.57-2.72. 8 and 16 KiB into L2, or T2, measured no better than 4 KiB.
+// each (ms per step, 3-bit/256 int8): T0 5.45-5.74 (1 thread), 2.63-2.79 (2 threads); T1 4.85-4.91 and
+// 2.57-2.66. 8 and 16 KiB into L2, or T2, measured no better than 4 KiB.
 constexpr auto kPrefetchHint = _MM_HINT_T1;
 
 // A task's codes are one contiguous stream (columns are stored one after the other, §4): the GEMVs keep
