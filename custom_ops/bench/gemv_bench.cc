@@ -23,21 +23,13 @@
 #include <functional>
 #include <random>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "rbe/format.h"
 #include "rbe/kernels.h"
+#include "rbe/spin_pool.h"
 
 namespace {
-
-inline void spin_pause() {
-#if defined(__x86_64__) || defined(_M_X64)
-  __builtin_ia32_pause();
-#else
-  std::this_thread::yield();
-#endif
-}
 
 struct Matrix {
   std::vector<int64_t> seeds;
@@ -66,42 +58,6 @@ Matrix make_matrix(std::mt19937_64& g, int64_t K, int64_t N, int bits, int block
                             static_cast<int64_t>(m.codes.size()));
   return m;
 }
-
-// Two threads: this one and a helper spinning for work, as ORT's pool does between the nodes of a step.
-class Pool {
- public:
-  Pool() : helper_([this] { loop(); }) {}
-  ~Pool() {
-    quit_ = true;
-    helper_.join();
-  }
-  void run(size_t n, const std::function<void(size_t)>& task) {
-    n_ = n, next_ = 0, done_ = false;
-    job_ = &task;
-    drain(task);
-    while (!done_) spin_pause();
-  }
-
- private:
-  void drain(const std::function<void(size_t)>& task) {
-    for (size_t i; (i = next_++) < n_;) task(i);
-  }
-  void loop() {
-    while (!quit_) {
-      const std::function<void(size_t)>* job = job_.exchange(nullptr);
-      if (!job) {
-        spin_pause();
-        continue;
-      }
-      drain(*job);
-      done_ = true;
-    }
-  }
-  std::atomic<const std::function<void(size_t)>*> job_{nullptr};
-  std::atomic<size_t> n_{0}, next_{0};
-  std::atomic<bool> done_{false}, quit_{false};
-  std::thread helper_;
-};
 
 // Σ of n bytes as 64-bit lanes (n a multiple of 128): the read-only ceiling the GEMVs are compared against.
 #if defined(__x86_64__)
@@ -172,8 +128,9 @@ int main(int argc, char** argv) {
   std::mt19937_64 g(1);
   std::vector<float> a(3072), y(50257);
   for (auto& x : a) x = std::normal_distribution<float>()(g);
-  Pool pool;
-  const rbe::ParallelFor two = [&pool](size_t n, const std::function<void(size_t)>& task) { pool.run(n, task); };
+  // Two threads from the pool the Python binding uses: workers kept spinning between calls, as ORT's pool
+  // does between the nodes of a step.
+  const rbe::ParallelFor two = rbe::spin_pool_for(2);
   const struct { int bits, block, level; } configs[] = {{4, 64, 0}, {4, 64, 4}, {4, 128, 4}, {3, 256, 4}, {3, 128, 4}};
   for (const auto& c : configs) {
     const Matrix hot = make_matrix(g, 768, 3072, c.bits, c.block);

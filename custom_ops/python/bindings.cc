@@ -5,16 +5,13 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <exception>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 #include "rbe/format.h"
 #include "rbe/kernels.h"
+#include "rbe/spin_pool.h"
 
 namespace py = pybind11;
 
@@ -54,111 +51,6 @@ Weight make_weight(const I64& seeds, const U8& codes, int64_t K, int64_t N, int6
   return out;
 }
 
-inline void cpu_relax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
-// Worker threads started once and kept between calls, spinning a short while for the next call before
-// they sleep (as ORT's intra-op pool does), so that kernels timed from Python measure the kernels, not
-// thread start-up or wake-up latency. The calling thread works too.
-class Pool {
- public:
-  static Pool& instance() {
-    static Pool pool;
-    return pool;
-  }
-
-  void run(int threads, size_t n, const std::function<void(size_t)>& task) {
-    std::lock_guard<std::mutex> one_call(call_mu_);
-    const size_t helpers = std::min<size_t>(static_cast<size_t>(std::max(threads, 1) - 1), n > 0 ? n - 1 : 0);
-    while (workers_.size() < helpers) {
-      const size_t id = workers_.size();
-      workers_.emplace_back([this, id] { loop(id); });
-    }
-    task_ = &task;
-    n_ = n;
-    next_ = 0;
-    error_ = nullptr;
-    busy_ = helpers;
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      helpers_ = helpers;
-      generation_.fetch_add(1, std::memory_order_release);
-    }
-    wake_.notify_all();
-    work();
-    while (busy_.load(std::memory_order_acquire) != 0) cpu_relax();
-    if (error_) std::rethrow_exception(error_);
-  }
-
-  ~Pool() {
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      stop_ = true;
-      generation_.fetch_add(1, std::memory_order_release);
-    }
-    wake_.notify_all();
-    for (auto& t : workers_) t.join();
-  }
-
- private:
-  void work() {
-    try {
-      for (size_t i; (i = next_.fetch_add(1)) < n_;) (*task_)(i);
-    } catch (...) {
-      std::lock_guard<std::mutex> lk(mu_);
-      if (!error_) error_ = std::current_exception();
-      next_ = n_;
-    }
-  }
-
-  void loop(size_t id) {
-    uint64_t seen = 0;
-    for (;;) {
-      auto ready = [&] { return generation_.load(std::memory_order_acquire) != seen; };
-      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(500);
-      for (int i = 0; !ready(); ++i) {
-        cpu_relax();
-        if ((i & 255) == 255 && std::chrono::steady_clock::now() > until) {
-          std::unique_lock<std::mutex> lk(mu_);
-          wake_.wait(lk, ready);
-          break;
-        }
-      }
-      size_t helpers;
-      {
-        std::lock_guard<std::mutex> lk(mu_);
-        if (stop_) return;
-        seen = generation_.load(std::memory_order_acquire);
-        helpers = helpers_;
-      }
-      if (id >= helpers) continue;  // not needed for this call
-      work();
-      busy_.fetch_sub(1, std::memory_order_release);
-    }
-  }
-
-  std::mutex call_mu_, mu_;
-  std::condition_variable wake_;
-  std::vector<std::thread> workers_;
-  const std::function<void(size_t)>* task_ = nullptr;
-  size_t n_ = 0, helpers_ = 0;
-  std::atomic<size_t> next_{0}, busy_{0};
-  std::atomic<uint64_t> generation_{0};
-  bool stop_ = false;
-  std::exception_ptr error_;
-};
-
-rbe::ParallelFor thread_pool(int threads) {
-  return [threads](size_t n, const std::function<void(size_t)>& task) {
-    if (threads <= 1 || n <= 1) return rbe::serial_for(n, task);
-    Pool::instance().run(threads, n, task);
-  };
-}
 
 // Y = A·W (+ bias) into y ([M, N], allocated by the caller); returns the seconds the C++ call took.
 double gemm_into(const Weight& self, const F32& a, py::object bias, const std::string& isa, int threads,
@@ -173,7 +65,7 @@ double gemm_into(const Weight& self, const F32& a, py::object bias, const std::s
   const float* bp = bias.is_none() ? nullptr : b.data();
   py::gil_scoped_release release;
   const auto start = std::chrono::steady_clock::now();
-  rbe::gemm(self.w, a.data(), a.shape(0), bp, y.mutable_data(), which, thread_pool(threads), accuracy_level);
+  rbe::gemm(self.w, a.data(), a.shape(0), bp, y.mutable_data(), which, rbe::spin_pool_for(threads), accuracy_level);
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
