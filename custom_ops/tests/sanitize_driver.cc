@@ -292,8 +292,8 @@ void check_gemm_case(const Buffers& b, int64_t M, bool with_bias, bool threaded,
           break;
         }
   }
-  // The int8 path under the sanitizers too, each ISA against the scalar int8 kernel: the same integers
-  // (kernels.h), so only the order of the float sum of the per-block terms differs.
+  // The int8 path under the sanitizers too, each ISA against the scalar int8 kernel: the same integers Σ L·q
+  // (kernels.h), so only the rounding of the offset term and the order of the float sum may differ.
   std::unique_ptr<float[]> scalar8(new float[ny]);
   rbe::gemm(w, A.get(), M, bias.get(), scalar8.get(), rbe::Isa::Scalar, rbe::serial_for, rbe::kAccuracyInt8);
   double scale = 1.0;

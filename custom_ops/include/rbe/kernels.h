@@ -29,8 +29,9 @@ void serial_for(size_t n, const std::function<void(size_t)>& task);
 // Arithmetic of the product (the node's `accuracy_level`, FORMAT.md §2):
 //   0 (and 1-3): float32 activations times the decoded float32 weights, the exact path;
 //   4: activations quantized to int8 per row and block (FORMAT.md §2.1), integer dot products per block,
-//      scaled once per block. Every ISA computes the same integers; only the float sum of the per-block
-//      terms differs in order.
+//      scaled once per block. Every ISA computes the same integer Σ L·q per block; the offset term o·Σq
+//      (exact in the scalar reference and NEON, float in the x86 kernels) and the float sum of the
+//      per-block terms may round differently (FORMAT.md §2.1).
 constexpr int kAccuracyFloat = 0;
 constexpr int kAccuracyInt8 = 4;
 bool is_supported_accuracy_level(int64_t level);  // 0..4
