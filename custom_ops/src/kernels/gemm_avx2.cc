@@ -6,8 +6,9 @@
 // sums.
 // M > 1 (prefill): a tile of 16 columns is decoded into a cache-resident [K][16] float buffer that feeds a
 // 6-row x 16-column FMA micro-kernel, so each weight is decoded once per tile, not once per row.
-// Int8 path (accuracy_level 4, activations quantized by the dispatcher): gemm_avx2_int8.inc, compiled twice,
-// once on AVX2 (pmaddubsw with the sign trick) and once for AVX-VNNI (vpdpbusd).
+// Int8 path (accuracy_level 4, activations quantized by the dispatcher): gemm_avx2_int8.inc, compiled three
+// times: on AVX2 (pmaddubsw with the sign trick), for AVX-VNNI (vpdpbusd) and for AVX-512 VL/VNNI/VBMI
+// (vpdpbusd, and vpermb / vpternlogd in the GEMV's decoding; still 256-bit registers).
 #include <immintrin.h>
 
 #include <algorithm>
