@@ -20,86 +20,109 @@
 namespace rbe {
 namespace {
 
-// 32 byte-codes of one packing group of 2-, 4- or 8-bit codes (FORMAT.md §4), in order 0..31.
+// 32 byte-codes of one packing group of 2-, 4- or 8-bit codes (FORMAT.md §4), in order 0..31, shifted into
+// place but not masked: bits 0 to BITS-1 of byte i are code i, the bits above are whatever the shift
+// brought in (the AVX-512 GEMV's vpermb table ignores them; group_codes masks them off).
 template <int BITS>
-inline __m256i group_codes(const uint8_t* p) {
-  static_assert(BITS != 3, "3-bit codes come in chunks: chunk_codes");
+inline __m256i group_fields(const uint8_t* p) {
+  static_assert(BITS != 3, "3-bit codes come in chunks: chunk3_planes");
   if constexpr (BITS == 8) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   } else if constexpr (BITS == 4) {
     // The 16 bytes in both lanes (one broadcast load); the high lane shifted by 4: low nibbles are codes
-    // 0..15, high nibbles 16..31 (bits shifted in from the next byte are masked off).
+    // 0..15, high nibbles 16..31.
     const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_and_si256(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)),
-                            _mm256_set1_epi8(0x0F));
+    return _mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
   } else {
     // The 8 bytes in all four 64-bit lanes, lane q shifted by 2q: bits 0-1 of byte j are code j + 8q.
     uint64_t bytes;
     std::memcpy(&bytes, p, 8);
-    const __m256i v = _mm256_set1_epi64x(static_cast<long long>(bytes));
-    return _mm256_and_si256(_mm256_srlv_epi64(v, _mm256_setr_epi64x(0, 2, 4, 6)), _mm256_set1_epi8(0x03));
+    return _mm256_srlv_epi64(_mm256_set1_epi64x(static_cast<long long>(bytes)), _mm256_setr_epi64x(0, 2, 4, 6));
+  }
+}
+
+// group_fields with the bits above each code cleared.
+template <int BITS>
+inline __m256i group_codes(const uint8_t* p) {
+  if constexpr (BITS == 8) return group_fields<8>(p);
+  else return _mm256_and_si256(group_fields<BITS>(p), _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1)));
+}
+
+// The two planes of a 3-bit chunk of CH codes, shifted into place but not masked: index i of the chunk's
+// byte-codes is built from low[i] (code bits 0-1 at bits 0-1; at 128 codes also the next-but-one run's at
+// bits 4-5) and high[i] (the code's bit 2 at bit 2; at 128 codes also at bit 6), the other bits of both
+// being whatever the shifts left there. CH / 32 pairs, except at 128 codes: two pairs, each holding two runs
+// in the two nibbles of a byte. How the pairs are merged is up to the caller: chunk_codes masks and ors,
+// the AVX-512 GEMV selects with one vpternlogd.
+// Per vector, the low bits are a shift of the low plane; the high bit is a per-lane variable shift of a
+// broadcast of the high plane that brings the bit this lane needs to bit 2 of every byte. A right shift by s
+// puts bit 2 + s of each byte at bit 2; a left shift by s puts bit 2 − s there (bits of a lane's top byte
+// shifted out are never needed).
+template <int CH>
+inline void chunk3_planes(const uint8_t* p, __m256i low[], __m256i high[]) {
+  if constexpr (CH == 128) {
+    // Low plane: 32 bytes, field v (bits 2v, 2v+1) of byte t is code 32v + t. High plane: 16 bytes, bit u
+    // of byte j is code j + 16u, so vector v needs bit 2v in the low lane (codes 32v .. 32v+15) and 2v + 1
+    // in the high lane. The vectors are built in pairs (0, 2) and (1, 3) in the two nibbles of one byte:
+    // fields v and v + 2 sit 4 bits apart in the low plane, and so do the high bits the pair needs in the
+    // high plane (bits 2v, 2v + 4 of the low lane; 2v + 1, 2v + 5 of the high lane), so one shift of the
+    // high plane puts both at bits 2 and 6.
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)));
+    low[0] = lo;
+    low[1] = _mm256_srli_epi16(lo, 2);
+    high[0] = _mm256_sllv_epi32(hi, _mm256_setr_epi32(2, 2, 2, 2, 1, 1, 1, 1));
+    high[1] = _mm256_srlv_epi32(hi, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  } else if constexpr (CH == 64) {
+    // Low plane: 16 bytes, field f of byte j is code 16f + j: in both lanes, lane L of vector v shifted by
+    // 2·(2v + L). High plane: 8 bytes, bit u of byte j is code j + 8u: in all four 64-bit lanes, lane q
+    // of vector v needs bit 4v + q (for v = 0 from a copy shifted left by 2, as bits 0 and 1 need a left
+    // shift and bits 2 and 3 a right one).
+    const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    uint64_t bits;
+    std::memcpy(&bits, p + 16, 8);
+    const __m256i hi = _mm256_set1_epi64x(static_cast<long long>(bits));
+    low[0] = _mm256_srlv_epi32(lo, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2));
+    low[1] = _mm256_srlv_epi32(lo, _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6));
+    high[0] = _mm256_srlv_epi64(_mm256_slli_epi64(hi, 2), _mm256_setr_epi64x(0, 1, 2, 3));
+    high[1] = _mm256_srlv_epi64(hi, _mm256_setr_epi64x(2, 3, 4, 5));
+  } else {
+    // Low plane: the 2-bit group layout (bits 2q of byte j are code j + 8q). High plane: 4 bytes, bit u of
+    // byte j is code j + 4u: in all eight 32-bit lanes, lane u needs bit u (two shifts, as for lanes 0 and 1
+    // it is a left one).
+    uint32_t bits;
+    std::memcpy(&bits, p + 8, 4);
+    const __m256i hi = _mm256_set1_epi32(static_cast<int>(bits));
+    low[0] = group_fields<2>(p);
+    high[0] = _mm256_srlv_epi32(_mm256_sllv_epi32(hi, _mm256_setr_epi32(2, 1, 0, 0, 2, 1, 0, 0)),
+                                _mm256_setr_epi32(0, 0, 0, 1, 4, 4, 4, 5));
   }
 }
 
 // The byte-codes of one chunk of CH codes (CH = chunk_of<BITS>): codes 32v .. 32v+31 in out[v], as pshufb
 // indices: a code in bits 0-3 and bit 7 clear, bits 4-6 possibly not zero (pshufb ignores them, and every
 // consumer is a table lookup).
-// A 3-bit code is (low-plane bits) | (high-plane bit) << 2. Per vector, the low bits are a shift and a mask
-// of the low plane; the high bit is a per-lane variable shift of a broadcast of the high plane that brings
-// the bit this lane needs to bit 2 of every byte, and a mask. A right shift by s puts bit 2 + s of each byte
-// at bit 2; a left shift by s puts bit 2 − s there (bits of a lane's top byte shifted out are never needed).
 template <int BITS, int CH>
 inline void chunk_codes(const uint8_t* p, __m256i out[CH / 32]) {
   if constexpr (BITS != 3) {
     out[0] = group_codes<BITS>(p);
   } else {
-    const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
+    __m256i low[CH / 32], high[CH / 32];
+    chunk3_planes<CH>(p, low, high);
     if constexpr (CH == 128) {
-      // Low plane: 32 bytes, field v (bits 2v, 2v+1) of byte t is code 32v + t. High plane: 16 bytes, bit u
-      // of byte j is code j + 16u, so vector v needs bit 2v in the low lane (codes 32v .. 32v+15) and 2v + 1
-      // in the high lane. The vectors are built in pairs (0, 2) and (1, 3) in the two nibbles of one byte:
-      // fields v and v + 2 sit 4 bits apart in the low plane, and so do the high bits the pair needs in the
-      // high plane (bits 2v, 2v + 4 of the low lane; 2v + 1, 2v + 5 of the high lane), so one shift of the
-      // high plane puts both at bits 2 and 6, and one and-and-or builds both indices at once. Vector v + 2
-      // is that byte's high nibble shifted down by a 16-bit shift, which drags the next byte's low bits into
-      // bits 4-7: bit 7 is the next byte's bit 3, masked to 0, and bits 4-6 are ignored by pshufb. 11
-      // operations per 128 codes (17 when each vector was masked clean).
-      const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      const __m256i hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32)));
-      const __m256i fields = _mm256_set1_epi8(0x33), high = _mm256_set1_epi8(0x44);
-      const __m256i h02 = _mm256_sllv_epi32(hi, _mm256_setr_epi32(2, 2, 2, 2, 1, 1, 1, 1));
-      const __m256i h13 = _mm256_srlv_epi32(hi, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
-      const __m256i i02 = _mm256_or_si256(_mm256_and_si256(lo, fields), _mm256_and_si256(h02, high));
-      const __m256i i13 =
-          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo, 2), fields), _mm256_and_si256(h13, high));
-      out[0] = i02;
-      out[1] = i13;
-      out[2] = _mm256_srli_epi16(i02, 4);
-      out[3] = _mm256_srli_epi16(i13, 4);
-    } else if constexpr (CH == 64) {
-      // Low plane: 16 bytes, field f of byte j is code 16f + j: in both lanes, lane L of vector v shifted by
-      // 2·(2v + L). High plane: 8 bytes, bit u of byte j is code j + 8u: in all four 64-bit lanes, lane q
-      // of vector v needs bit 4v + q (for v = 0 from a copy shifted left by 2, as bits 0 and 1 need a left
-      // shift and bits 2 and 3 a right one).
-      const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-      uint64_t high;
-      std::memcpy(&high, p + 16, 8);
-      const __m256i hi = _mm256_set1_epi64x(static_cast<long long>(high));
-      const __m256i h0 = _mm256_srlv_epi64(_mm256_slli_epi64(hi, 2), _mm256_setr_epi64x(0, 1, 2, 3));
-      const __m256i h1 = _mm256_srlv_epi64(hi, _mm256_setr_epi64x(2, 3, 4, 5));
-      out[0] = _mm256_or_si256(_mm256_and_si256(_mm256_srlv_epi32(lo, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)), m3),
-                               _mm256_and_si256(h0, m4));
-      out[1] = _mm256_or_si256(_mm256_and_si256(_mm256_srlv_epi32(lo, _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)), m3),
-                               _mm256_and_si256(h1, m4));
+      // Both nibbles of each pair at once: (low & 0x33) | (high & 0x44). Vector v + 2 is that byte's high
+      // nibble shifted down by a 16-bit shift, which drags the next byte's low bits into bits 4-7: bit 7 is
+      // the next byte's bit 3, masked to 0, and bits 4-6 are ignored by pshufb. 11 operations per 128 codes
+      // (17 when each vector was masked clean).
+      const __m256i fields = _mm256_set1_epi8(0x33), high_bits = _mm256_set1_epi8(0x44);
+      for (int v = 0; v < 2; ++v)
+        out[v] = _mm256_or_si256(_mm256_and_si256(low[v], fields), _mm256_and_si256(high[v], high_bits));
+      out[2] = _mm256_srli_epi16(out[0], 4);
+      out[3] = _mm256_srli_epi16(out[1], 4);
     } else {
-      // Low plane: the 2-bit group layout. High plane: 4 bytes, bit u of byte j is code j + 4u: in all
-      // eight 32-bit lanes, lane u needs bit u (two shifts, as for lanes 0 and 1 it is a left one).
-      uint32_t high;
-      std::memcpy(&high, p + 8, 4);
-      const __m256i hi = _mm256_set1_epi32(static_cast<int>(high));
-      const __m256i h = _mm256_srlv_epi32(_mm256_sllv_epi32(hi, _mm256_setr_epi32(2, 1, 0, 0, 2, 1, 0, 0)),
-                                          _mm256_setr_epi32(0, 0, 0, 1, 4, 4, 4, 5));
-      out[0] = _mm256_or_si256(group_codes<2>(p), _mm256_and_si256(h, m4));
+      const __m256i m3 = _mm256_set1_epi8(3), m4 = _mm256_set1_epi8(4);
+      for (int v = 0; v < CH / 32; ++v)
+        out[v] = _mm256_or_si256(_mm256_and_si256(low[v], m3), _mm256_and_si256(high[v], m4));
     }
   }
 }
