@@ -158,6 +158,12 @@ def replace_candidates(model: onnx.ModelProto, encoded: dict[tuple[str, bool], "
         attrs = dict(K=w.K, N=w.N, block_size=w.block_size, bits=w.bits, scale0=float(w.scale0))
         if "seeds" not in names:
             attrs["seeds"] = numpy_helper.from_array(w.seeds, "seeds")
+        if getattr(w, "rotation", 0):
+            if c.node.op_type == "Gather":
+                raise ValueError(f"{c.node.name}: a gathered table cannot carry an input rotation (FORMAT.md §5.3)")
+            # The seed is a 64-bit pattern; an ONNX int attribute is int64.
+            attrs["rotation"] = w.rotation
+            attrs["rotation_seed"] = w.rotation_seed - (1 << 64) if w.rotation_seed >= 1 << 63 else w.rotation_seed
         # ONNX skips an absent optional input with an empty name; trailing absent ones are left off.
         if c.node.op_type == "Gather":
             optional = [names.get("center", ""), names.get("seeds", ""), names.get("outliers", "")]

@@ -212,10 +212,15 @@ class OutputDistortion:
 
 def plan_settings(model: onnx.ModelProto, groups: list[list], hessians: list[np.ndarray | None],
                   batches: list[tuple[dict, np.ndarray]], target_bpw: float, center: bool = True,
-                  progress: bool = True, seed: int = 0) -> tuple[list[tuple[int, int]], list[dict[int, tuple]]]:
+                  progress: bool = True, seed: int = 0,
+                  rotations: list | None = None) -> tuple[list[tuple[int, int]], list[dict[int, tuple]]]:
     """(bits, block_size) for each group of candidates sharing one weight (compressor._group_identical), so
     that the encoded groups take at most `target_bpw` bits per weight in all; and per group the center fits
-    (fit_center's result by block size) the measurements computed, for the encoder to reuse."""
+    (fit_center's result by block size) the measurements computed, for the encoder to reuse.
+
+    rotations: per group the input rotation (codec.rotation.Rotation, FORMAT.md §5.3) it will be coded with,
+    or None: its settings' error ratios are measured on the rotated weight against the rotated inputs, as it
+    will be coded."""
     from tqdm import tqdm
 
     from .passes.fused_gemm import weight_matrix
@@ -228,8 +233,9 @@ def plan_settings(model: onnx.ModelProto, groups: list[list], hessians: list[np.
     choices: dict[int, Choice] = {}
     center_fits: list[dict[int, tuple]] = []
     weights = 0
-    for i, (group, H) in enumerate(tqdm(list(zip(groups, hessians)), desc="sensitivity", unit="weight",
-                                         disable=not progress)):
+    rotations = rotations or [None] * len(groups)
+    for i, (group, H, rot) in enumerate(tqdm(list(zip(groups, hessians, rotations)), desc="sensitivity",
+                                              unit="weight", disable=not progress)):
         W = weight_matrix(model, group[0])
         K, N = W.shape
         weights += K * N
@@ -239,6 +245,16 @@ def plan_settings(model: onnx.ModelProto, groups: list[list], hessians: list[np.
         noisy = W + noise
         probe = distortion({c.weight_name: np.ascontiguousarray(noisy.T if c.transpose else noisy)
                             for c in group})
+        if rot is not None:
+            # The probe stays in the model's coordinates (the same noise as without a rotation); the settings'
+            # errors are those of the rotated coding, measured against that noise seen in the rotated
+            # coordinates (‖XQ·Qᵀn‖ = ‖X·n‖). Noise drawn per block of Qᵀ·W instead spreads evenly over the
+            # input channels, outlier ones included, and its much larger distortion on GPT-2 made the budget
+            # go to the projections rather than the token table (ref-gpt2 --target-bpw 4.5: KL 0.0031
+            # against 0.0011 unrotated).
+            W, H, noise = rot.weight(W).astype(np.float32), None if H is None else rot.hessian(H), rot.weight(noise)
+            fits = CenterFits(W)
+            use_c = center and uses_center(W, PROBE[1], fits)
         ratios = error_ratios(W, H, noise, use_c, rng, fits)
         choices[i] = Choice(bits=PROBE[0], block_size=PROBE[1], use_center=use_c, probe_distortion=probe,
                             options=[(b, bs, stored_bytes(K, N, b, bs, use_c), probe * ratios[(b, bs)])

@@ -2,6 +2,7 @@
 and swap in RBEFusedGemm / RBEGather nodes."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,6 +18,8 @@ from .codec import RBEWeight, decode, encode
 from .codec.center import center_term, fit_center, MIN_ENERGY_REMOVED, with_center
 from .codec.gptq import encode_gptq
 from .codec.outliers import BITS_PER_OUTLIER
+from .codec.seed import TAG_ROTATED, with_tag
+from .codec.rotation import DEFAULT_MAX_BLOCK, Rotation, block_for, seed_for
 from .onnx_io import load_model, save_model
 from .passes import Candidate, find_candidates, replace_candidates, set_accuracy_level
 from .passes.fused_gemm import weight_matrix
@@ -48,6 +51,7 @@ class ReportRow:
     bytes_before: int = 0
     bytes_after: int = 0
     rel_rmse: float = 0.0
+    rotation: int = 0   # R of the input rotation (FORMAT.md §5.3), 0 for none
 
 
 def _row(c: Candidate, w: RBEWeight | None, rel_rmse: float, shared: bool) -> ReportRow:
@@ -61,6 +65,7 @@ def _row(c: Candidate, w: RBEWeight | None, rel_rmse: float, shared: bool) -> Re
         row.bytes_before = 0 if shared else 4 * K * N
         row.bytes_after = 0 if shared else w.nbytes
         row.rel_rmse = rel_rmse
+        row.rotation = w.rotation
     return row
 
 
@@ -79,11 +84,24 @@ def _group_identical(model: onnx.ModelProto, eligible: list[Candidate]) -> list[
 
 def encode_weight(W: np.ndarray, bits: int, block_size: int, H: np.ndarray | None = None, damp: float = GPTQ_DAMP,
                   center: bool = True, outlier_fraction: float = 0.0,
-                  center_fits: dict[int, tuple] | None = None) -> RBEWeight:
+                  center_fits: dict[int, tuple] | None = None, rotation: Rotation | None = None) -> RBEWeight:
     """One weight's encoding: with a center vector (FORMAT.md §5.1) where it removes enough of the weight's
     energy and `center` allows it, error-feedback rounding where a Hessian is given, nearest level otherwise,
     and about `outlier_fraction` of the weights kept exactly (§5.2). center_fits: fit_center(W, ·) results by
-    block size already computed (the allocation's), used instead of fitting again."""
+    block size already computed (the allocation's, of the rotated weight with a rotation), used instead of
+    fitting again. rotation: code Qᵀ·W against Qᵀ·H·Q instead (§5.3); everything else applies to that."""
+    if rotation is not None:
+        rotation.check(W.shape[0])
+        W = rotation.weight(W).astype(np.float32)
+        H = None if H is None else rotation.hessian(H)
+    w = _encode_as_stored(W, bits, block_size, H, damp, center, outlier_fraction, center_fits)
+    if rotation is None:
+        return w
+    return dataclasses.replace(w, seeds=with_tag(w.seeds, TAG_ROTATED), rotation=rotation.block,
+                               rotation_seed=rotation.seed)
+
+
+def _encode_as_stored(W, bits, block_size, H, damp, center, outlier_fraction, center_fits) -> RBEWeight:
     fitted = None
     if center:
         known = (center_fits or {}).get(block_size)
@@ -103,7 +121,7 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
                   embeddings: bool = True, progress: bool = True, calibration_dir: Path | None = None,
                   calibration_tokens: int = 8192, target_bpw: float | None = None,
                   center: bool = True, accuracy_level: int = 0, distill_steps: int = 0,
-                  outlier_fraction: float = 0.0, split_vocab: bool = True) -> list[ReportRow]:
+                  outlier_fraction: float = 0.0, split_vocab: bool = True, rotate: bool = False) -> list[ReportRow]:
     """Rewrites `model` in place; returns one report row per MatMul/Gemm/Gather node.
 
     embeddings: also turn Gathers over constant tables (token/position embeddings) into RBEGather.
@@ -119,7 +137,9 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
     outlier_fraction: keep about this fraction of every weight's values exactly (FORMAT.md §5.2, 24 bits
     each); with `target_bpw` their bits come out of the budget.
     split_vocab: with `target_bpw`, split token tables into their frequent and rare rows first
-    (passes/split_vocab.py), each table then getting its own setting; the row mask is counted."""
+    (passes/split_vocab.py), each table then getting its own setting; the row mask is counted.
+    rotate: code each MatMul/Gemm weight after an input rotation (FORMAT.md §5.3; not a table that is also
+    gathered, whose rows are read as stored)."""
     if accuracy_level not in range(5):
         raise ValueError(f"accuracy_level must be 0 to 4, got {accuracy_level}")
     if not 0.0 <= outlier_fraction <= MAX_OUTLIER_FRACTION:
@@ -157,6 +177,7 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
                                        progress=progress)
     # A Gather has no activation statistics; a tied matrix takes its MatMul's (the lm_head's).
     group_h = [next((hessians[c.node.input[0]] for c in g if c.node.input[0] in hessians), None) for g in groups]
+    rotations = [_rotation_for(g) if rotate else None for g in groups]
     settings = [(bits, block_size)] * len(groups)
     center_fits: list[dict[int, tuple] | None] = [None] * len(groups)
     if target_bpw is not None:
@@ -173,17 +194,17 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
             raise ValueError(f"--target-bpw {target_bpw} leaves nothing for the codes after outliers of "
                              f"{BITS_PER_OUTLIER * outlier_fraction:.3g} bits/weight")
         settings, center_fits = plan_settings(model, groups, group_h, batches, code_bpw, center=center,
-                                              progress=progress)
+                                              progress=progress, rotations=rotations)
     encoded: dict[tuple[str, bool], RBEWeight] = {}
     errors: dict[tuple[str, bool], float] = {}
-    for group, H, (g_bits, g_bs), fits in tqdm(list(zip(groups, group_h, settings, center_fits)), desc="encoding",
-                                               unit="weight", disable=not progress):
+    for group, H, (g_bits, g_bs), fits, rot in tqdm(list(zip(groups, group_h, settings, center_fits, rotations)),
+                                                    desc="encoding", unit="weight", disable=not progress):
         W = weight_matrix(model, group[0])
         # A table that is also gathered is read row by row, where every weight's own error shows: pull the
         # error feedback towards plain rounding with a strong identity term (dampening) for it.
         tied = any(c.node.op_type == "Gather" for c in group)
         w = encode_weight(W, g_bits, g_bs, H, damp=TIED_DAMP if tied else GPTQ_DAMP, center=center,
-                          outlier_fraction=outlier_fraction, center_fits=fits)
+                          outlier_fraction=outlier_fraction, center_fits=fits, rotation=rot)
         err = float(np.linalg.norm(decode(w) - W) / max(np.linalg.norm(W), 1e-30))
         for c in group:
             encoded[c.key], errors[c.key] = w, err
@@ -203,6 +224,15 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
     set_accuracy_level(model, accuracy_level)
     _set_metadata(model, REPORT_KEY, json.dumps([asdict(r) for r in rows]))
     return rows
+
+
+def _rotation_for(group: list[Candidate]) -> Rotation | None:
+    """The input rotation of a weight group: blocks of the largest power of two ≤ DEFAULT_MAX_BLOCK dividing K,
+    a seed from the weight's name; none for a table that is gathered or a K with no such divisor."""
+    if any(c.node.op_type == "Gather" for c in group):
+        return None
+    block = block_for(group[0].shape[0], DEFAULT_MAX_BLOCK)
+    return Rotation(block, seed_for(group[0].weight_name)) if block else None
 
 
 def _distill(model: onnx.ModelProto, model_dir: Path, eligible: list[Candidate], encoded: dict, errors: dict,
@@ -234,7 +264,7 @@ def rewrite(model_or_path: onnx.ModelProto | str | os.PathLike, output_path: str
             progress: bool = True, calibrate: bool = False, calibration_tokens: int = 8192,
             target_bpw: float | None = None, center: bool = True, accuracy_level: int = 0,
             distill_steps: int = 0, outlier_fraction: float = 0.0,
-            split_vocab: bool = True) -> tuple[onnx.ModelProto, list[ReportRow]]:
+            split_vocab: bool = True, rotate: bool = False) -> tuple[onnx.ModelProto, list[ReportRow]]:
     """Loads (if given a path), rewrites and (if output_path is given) saves with aligned external data.
 
     calibrate: error-feedback rounding from WikiText-2 valid activations; needs a path to a model exported
@@ -248,7 +278,7 @@ def rewrite(model_or_path: onnx.ModelProto | str | os.PathLike, output_path: str
                          calibration_dir=Path(model_or_path).parent if calibrate else None,
                          calibration_tokens=calibration_tokens, target_bpw=target_bpw, center=center,
                          accuracy_level=accuracy_level, distill_steps=distill_steps,
-                         outlier_fraction=outlier_fraction, split_vocab=split_vocab)
+                         outlier_fraction=outlier_fraction, split_vocab=split_vocab, rotate=rotate)
     if output_path is not None:
         save_model(model, output_path)
         if not isinstance(model_or_path, onnx.ModelProto):

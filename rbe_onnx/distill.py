@@ -60,6 +60,50 @@ def _outlier_overlay(w: RBEWeight) -> tuple[np.ndarray, np.ndarray] | None:
     return mask.reshape(shape), vals.reshape(shape)
 
 
+def _rotation_factors(w: RBEWeight):
+    """(B's R x R block, D's signs as a K x 1 column) as float64 tensors, or None without a rotation."""
+    import torch
+
+    if not w.rotation:
+        return None
+    from .codec.rotation import hadamard_matrix, signs
+
+    B = torch.from_numpy(hadamard_matrix(w.rotation))
+    return B, torch.from_numpy(signs(w.rotation_seed, w.K).astype(np.float64)[:, None])
+
+
+def _student_parts(w: RBEWeight) -> tuple:
+    """What _student_weight computes a weight from: log d (trainable), L[c] + o, α (trainable with a center),
+    the center per block, the outliers' overlay and the rotation's factors (torch tensors or None)."""
+    import torch
+
+    log_d, vals, alpha = _parts(w)
+    center = torch.zeros(w.blocks_per_column * w.block_size)
+    if w.center is not None:
+        center[: w.K] = torch.from_numpy(w.center)
+    overlay = _outlier_overlay(w)
+    return (torch.tensor(log_d, requires_grad=True), torch.from_numpy(vals),
+            torch.tensor(alpha, requires_grad=w.center is not None),
+            center.reshape(w.blocks_per_column, w.block_size),
+            None if overlay is None else tuple(torch.from_numpy(x) for x in overlay), _rotation_factors(w))
+
+
+def _student_weight(w: RBEWeight, log_d, vals, alpha, center, overlay, rot):
+    """The K x N weight (torch, differentiable in log_d and alpha) that the encoding stands for, as decode
+    computes it: d·(L[c] + o) per block, outliers in place, + α·c, then Q· with an input rotation."""
+    import torch
+
+    cols = torch.exp(log_d)[..., None] * vals                                    # [N, nb, bs]
+    if overlay is not None:
+        cols = torch.where(overlay[0], overlay[1], cols)
+    cols = cols + alpha[..., None] * center
+    W = cols.reshape(w.N, -1)[:, : w.K].T                                         # K x N
+    if rot is not None:  # Q·W = D·B·W (FORMAT.md §5.3)
+        B, sgn = rot
+        W = (B @ W.reshape(w.K // w.rotation, w.rotation, w.N)).reshape(w.K, w.N) * sgn
+    return W
+
+
 def _write_back(w: RBEWeight, log_d: np.ndarray, alpha: np.ndarray) -> RBEWeight:
     rho = np.clip(np.rint(RHO_PER_LOG_SCALE * (log_d - np.log(w.scale0))), 0, 0xFFFF).astype(np.uint64)
     u = w.seeds.view(np.uint64)
@@ -198,28 +242,16 @@ def distill(model: onnx.ModelProto, model_dir: Path, weights: dict[str, tuple[RB
         if not fam.tunes(name):  # the student still sees it as encoded
             fixed[key] = torch.from_numpy(as_stored(name))
             continue
-        log_d, vals, alpha = _parts(w)
-        t_log_d = torch.tensor(log_d, requires_grad=True)
-        t_alpha = torch.tensor(alpha, requires_grad=w.center is not None)
-        trainable += [t_log_d] + ([t_alpha] if w.center is not None else [])
-        center = torch.zeros(w.blocks_per_column * w.block_size)
-        if w.center is not None:
-            center[: w.K] = torch.from_numpy(w.center)
-        overlay = _outlier_overlay(w)
-        rebuild[key] = (w, transposed, t_log_d, torch.from_numpy(vals), t_alpha,
-                        center.reshape(w.blocks_per_column, w.block_size),
-                        None if overlay is None else tuple(torch.from_numpy(x) for x in overlay))
+        parts = _student_parts(w)
+        trainable += [parts[0]] + ([parts[2]] if w.center is not None else [])
+        rebuild[key] = (w, transposed, *parts)
     ln = {k: p.detach().clone().requires_grad_(True) for k, p in params.items() if fam.is_layernorm(k)}
     trainable += list(ln.values())
 
     def student_params() -> dict:
         out = {**fixed, **ln}
-        for key, (w, transposed, log_d, vals, alpha, center, overlay) in rebuild.items():
-            cols = torch.exp(log_d)[..., None] * vals                                # [N, nb, bs]
-            if overlay is not None:
-                cols = torch.where(overlay[0], overlay[1], cols)
-            cols = cols + alpha[..., None] * center
-            W = cols.reshape(w.N, -1)[:, : w.K].T                                     # K x N
+        for key, (w, transposed, *parts) in rebuild.items():
+            W = _student_weight(w, *parts)
             out[key] = (W.T if transposed else W).float()
         return out
 
@@ -235,7 +267,7 @@ def distill(model: onnx.ModelProto, model_dir: Path, weights: dict[str, tuple[RB
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.5f}")
     out = {}
-    for key, (w, _, log_d, _, alpha, _, _) in rebuild.items():
+    for key, (w, _, log_d, _, alpha, _, _, _) in rebuild.items():
         out[key.removeprefix(fam.prefix)] = _write_back(w, log_d.detach().numpy(), alpha.detach().numpy())
     for key, p in ln.items():
         name = key.removeprefix(fam.prefix)

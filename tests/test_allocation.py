@@ -101,6 +101,23 @@ def test_target_bpw_lands_under_target_and_mixes_widths_on_ref_gpt2(ref_gpt2_onn
     assert target["kl"] < uniform["kl"]
 
 
+def test_target_bpw_with_rotation_beats_a_uniform_setting_on_ref_gpt2(ref_gpt2_onnx_dir, ref_windows, tmp_path):
+    """--target-bpw 4.5 --rotate against calibrated 4-bit/128 everywhere (4.5 bpw, unrotated): the allocation
+    must still find the better split. When its probe noise was drawn in the rotated coordinates it overrated
+    the projections, starved the token table (3-bit/64) and lost: KL 0.0031 against 0.0013 (64 windows)."""
+    shape, windows, reference = ref_windows
+    _, rows = rewrite(ref_gpt2_onnx_dir / "model.onnx", tmp_path / "t" / "model.onnx", target_bpw=4.5,
+                      calibrate=True, rotate=True, progress=False)
+    rewrite(ref_gpt2_onnx_dir / "model.onnx", tmp_path / "u" / "model.onnx", bits=4, block_size=128,
+            calibrate=True, progress=False)
+    assert totals(rows)["bits_per_weight"] <= 4.5
+    assert all(r.rotation for r in rows if r.status == "rbe" and r.op_type == "Gemm")
+    target = compare(make_session(tmp_path / "t", threads=2), shape, windows, reference)
+    uniform = compare(make_session(tmp_path / "u", threads=2), shape, windows, reference)
+    print(f"ref-gpt2 at <= 4.5 bpw, 6 test windows: --target-bpw --rotate {target}, uniform 4b/128 {uniform}")
+    assert target["kl"] < uniform["kl"]
+
+
 def test_distillation_brings_3bit_ref_gpt2_closer_to_fp32(ref_gpt2_onnx_dir, ref_windows, uniform_3bit, tmp_path):
     shape, windows, reference = ref_windows
     _, rows = rewrite(ref_gpt2_onnx_dir / "model.onnx", tmp_path / "model.onnx", bits=3, block_size=256,

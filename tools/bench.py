@@ -48,12 +48,13 @@ print(json.dumps({"decode_ms": res.decode_ms_median, "decode_n": len(res.decode_
 """
 
 NBITS = "ORT MatMulNBits int4 b32 acc4"
-# label, bits, block_size, accuracy_level
+# label, bits, block_size, accuracy_level, input rotation (FORMAT.md §5.3: what --rotate costs at decode)
 RBE_VARIANTS = [
-    ("RBE 4-bit/64", 4, 64, 0),
-    ("RBE 4-bit/64 int8", 4, 64, 4),
-    ("RBE 4-bit/128 int8", 4, 128, 4),
-    ("RBE 3-bit/256 int8", 3, 256, 4),
+    ("RBE 4-bit/64", 4, 64, 0, False),
+    ("RBE 4-bit/64 int8", 4, 64, 4, False),
+    ("RBE 4-bit/128 int8", 4, 128, 4, False),
+    ("RBE 3-bit/256 int8", 3, 256, 4, False),
+    ("RBE 3-bit/256 int8 --rotate", 3, 256, 4, True),
 ]
 
 
@@ -95,12 +96,12 @@ def build(work: Path, only: str | None) -> tuple[dict[str, Path], dict[str, floa
     models, bpw = {"fp32 ORT": fp32}, {"fp32 ORT": 32.0}
     nbits = work / "nbits" / "model.onnx"
     models[NBITS], bpw[NBITS] = nbits, matmulnbits_model(fp32, nbits, block_size=32)
-    for label, bits, block, level in RBE_VARIANTS:
+    for label, bits, block, level, rotate in RBE_VARIANTS:
         if only and not re.search(only, label):
             continue
-        base = work / f"rbe{bits}b{block}" / "model.onnx"
+        base = work / f"rbe{bits}b{block}{'r' if rotate else ''}" / "model.onnx"
         if not base.exists():
-            rewrite(fp32, base, bits=bits, block_size=block)
+            rewrite(fp32, base, bits=bits, block_size=block, rotate=rotate)
         path = base if level == 0 else with_accuracy_level(base, base.with_name(f"model_acc{level}.onnx"), level)
         models[label], bpw[label] = path, bits + 64 / block
     return models, bpw

@@ -15,43 +15,64 @@ import argparse
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from rbe_onnx.anchors import matmulnbits_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
-RBE_SETTINGS = [  # (label, bits, block, calibrate, target bits/weight, distillation steps, outlier fraction)
-    ("RBE 4b/64 RTN", 4, 64, False, None, 0, 0.0),
-    ("RBE 4b/128 calibrated", 4, 128, True, None, 0, 0.0),
-    ("RBE 3b/256 calibrated", 3, 256, True, None, 0, 0.0),
-    ("RBE --target-bpw 4.5", 0, 0, True, 4.5, 0, 0.0),
-    ("RBE --target-bpw 3.3", 0, 0, True, 3.3, 0, 0.0),
+
+
+class Setting(NamedTuple):
+    """One RBE row: `rewrite` arguments (bits and block ignored with a target, which picks its own)."""
+
+    label: str
+    bits: int = 0
+    block: int = 0
+    calibrate: bool = True
+    target: float | None = None
+    distill: int = 0
+    outliers: float = 0.0
+    rotate: bool = False
+
+
+RBE_SETTINGS = [
+    Setting("RBE 4b/64 RTN", 4, 64, calibrate=False),
+    Setting("RBE 4b/128 calibrated", 4, 128),
+    Setting("RBE 3b/256 calibrated", 3, 256),
+    Setting("RBE --target-bpw 4.5", target=4.5),
+    Setting("RBE --target-bpw 3.3", target=3.3),
+    Setting("RBE --target-bpw 4.5 --rotate", target=4.5, rotate=True),
+    Setting("RBE --target-bpw 3.3 --rotate", target=3.3, rotate=True),
 ]
-GPT2_DISTILLED = [("RBE --target-bpw 3.3 --distill 800", 0, 0, True, 3.3, 800, 0.0)]
+GPT2_DISTILLED = [Setting("RBE --target-bpw 3.3 --distill 800", target=3.3, distill=800)]
 # Exact outliers (FORMAT.md §5.2) are for heavy-tailed weights: MiniLM's, not ref-gpt2's.
-MINILM_EXTRA = [("RBE --target-bpw 4.5 --distill 200", 0, 0, True, 4.5, 200, 0.0),
-                ("RBE --target-bpw 3.3 --distill 200", 0, 0, True, 3.3, 200, 0.0),
-                ("RBE --target-bpw 4.5 --outliers 0.005", 0, 0, True, 4.5, 0, 0.005),
-                ("RBE --target-bpw 3.3 --outliers 0.005", 0, 0, True, 3.3, 0, 0.005),
-                ("RBE --target-bpw 4.5 --outliers 0.005 --distill 200", 0, 0, True, 4.5, 200, 0.005),
-                ("RBE --target-bpw 3.3 --outliers 0.005 --distill 200", 0, 0, True, 3.3, 200, 0.005)]
+MINILM_EXTRA = [Setting("RBE --target-bpw 4.5 --distill 200", target=4.5, distill=200),
+                Setting("RBE --target-bpw 3.3 --distill 200", target=3.3, distill=200),
+                Setting("RBE --target-bpw 4.5 --outliers 0.005", target=4.5, outliers=0.005),
+                Setting("RBE --target-bpw 3.3 --outliers 0.005", target=3.3, outliers=0.005),
+                Setting("RBE --target-bpw 4.5 --outliers 0.005 --distill 200", target=4.5, distill=200, outliers=0.005),
+                Setting("RBE --target-bpw 3.3 --outliers 0.005 --distill 200", target=3.3, distill=200, outliers=0.005),
+                Setting("RBE --target-bpw 4.5 --outliers 0.005 --rotate", target=4.5, outliers=0.005, rotate=True),
+                Setting("RBE --target-bpw 3.3 --outliers 0.005 --rotate", target=3.3, outliers=0.005, rotate=True),
+                Setting("RBE --target-bpw 3.3 --rotate --distill 200", target=3.3, distill=200, rotate=True)]
 
 
-def rbe(src: Path, out: Path, bits: int, block: int, calibrate: bool, target: float | None, distill: int,
-        outliers: float) -> float:
+def rbe(src: Path, out: Path, s: Setting) -> float:
     from rbe_onnx.compressor import read_report, rewrite, totals
 
     if not out.exists():
-        fixed = {} if target is not None else {"bits": bits, "block_size": block}  # a target picks its own
-        rewrite(src, out, **fixed, target_bpw=target, calibrate=calibrate, distill_steps=distill,
-                outlier_fraction=outliers, progress=False)
+        fixed = {} if s.target is not None else {"bits": s.bits, "block_size": s.block}  # a target picks its own
+        rewrite(src, out, **fixed, target_bpw=s.target, calibrate=s.calibrate, distill_steps=s.distill,
+                outlier_fraction=s.outliers, rotate=s.rotate, progress=False)
     return totals(read_report(out))["bits_per_weight"]
 
 
-def variant_dir(prefix: str, bits: int, block: int, calibrate: bool, target: float | None, distill: int,
-                outliers: float) -> str:
-    name = f"{prefix}-rbe-target{target}" if target else f"{prefix}-rbe{bits}b{block}{'c' if calibrate else ''}"
-    return name + (f"-outliers{outliers}" if outliers else "") + (f"-distill{distill}" if distill else "")
+def variant_dir(prefix: str, s: Setting) -> str:
+    name = f"{prefix}-rbe-target{s.target}" if s.target else \
+        f"{prefix}-rbe{s.bits}b{s.block}{'c' if s.calibrate else ''}"
+    return name + (f"-outliers{s.outliers}" if s.outliers else "") + ("-rotate" if s.rotate else "") + \
+        (f"-distill{s.distill}" if s.distill else "")
 
 
 def files_mb(model: Path) -> float:
@@ -74,9 +95,9 @@ def gpt2_rows(work: Path, windows_n: int) -> list[dict]:
     for block in (32, 128):
         out = work / f"gpt2-nbits{block}" / "model.onnx"
         variants.append((f"ORT MatMulNBits RTN 4b/{block}", matmulnbits_model(fp32, out, block), out))
-    for label, *setting in RBE_SETTINGS + GPT2_DISTILLED:
-        out = work / variant_dir("gpt2", *setting) / "model.onnx"
-        variants.append((label, rbe(fp32, out, *setting), out))
+    for setting in RBE_SETTINGS + GPT2_DISTILLED:
+        out = work / variant_dir("gpt2", setting) / "model.onnx"
+        variants.append((setting.label, rbe(fp32, out, setting), out))
     rows = []
     for label, bpw, path in variants:
         session = reference if path == fp32 else make_session(path, threads=2)
@@ -102,9 +123,9 @@ def minilm_rows(work: Path, sentences: int) -> list[dict]:
     for block in (32, 128):
         out = work / f"minilm-nbits{block}" / "model.onnx"
         variants.append((f"ORT MatMulNBits RTN 4b/{block}", matmulnbits_model(fp32, out, block), out))
-    for label, *setting in [("RBE 8b/64 calibrated", 8, 64, True, None, 0, 0.0), *RBE_SETTINGS, *MINILM_EXTRA]:
-        out = work / variant_dir("minilm", *setting) / "model.onnx"
-        variants.append((label, rbe(fp32, out, *setting), out))
+    for setting in [Setting("RBE 8b/64 calibrated", 8, 64), *RBE_SETTINGS, *MINILM_EXTRA]:
+        out = work / variant_dir("minilm", setting) / "model.onnx"
+        variants.append((setting.label, rbe(fp32, out, setting), out))
     rows = []
     for label, bpw, path in variants:
         rows.append({"model": label, "bpw": bpw, "MB": files_mb(path),

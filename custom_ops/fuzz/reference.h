@@ -1,7 +1,8 @@
 // An independent reading of docs/FORMAT.md for the fuzzer (fuzz_prepare.cc) and the sanitizer driver
 // (tests/sanitize_driver.cc): seed fields (§3), code unpacking (§4), the center term (§5.1), the exact outliers
-// (§5.2), validity (§6) and a double-precision product Y = A·W + bias at accuracy_level 0 or 4 (§2.1), plus
-// the tolerance a float kernel must meet against it. Only the level tables (§5) come from the library
+// (§5.2), validity (§6), the input rotation A·Q (§5.3, for the sanitizer driver and the kernel test) and a
+// double-precision product Y = A·W + bias at accuracy_level 0 or 4 (§2.1), plus the tolerance a float kernel
+// must meet against it. Only the level tables (§5) come from the library
 // (rbe::level_table, itself tested against the numpy spec).
 // Nothing here calls the code under test's validator or decoder, so the two can disagree and be caught.
 #pragma once
@@ -58,6 +59,19 @@ inline double half_value(uint32_t h) {
 // A seed with the binary16 pattern `alpha` in bits 40-55.
 inline int64_t with_alpha(int64_t seed, uint16_t alpha) {
   return static_cast<int64_t>((static_cast<uint64_t>(seed) & ~(uint64_t{0xFFFF} << 40)) | uint64_t{alpha} << 40);
+}
+
+// A seed with the tag `tag` in bits 56-63 (0xB3: a rotated node's, §5.3).
+inline int64_t with_tag(int64_t seed, uint32_t tag) {
+  return static_cast<int64_t>((static_cast<uint64_t>(seed) & ((uint64_t{1} << 56) - 1)) | uint64_t{tag & 0xFFu} << 56);
+}
+
+// The next output of splitmix64 (§5.3's sign stream; the fuzzer's PRNG too).
+inline uint64_t splitmix64_next(uint64_t& state) {
+  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
 }
 
 // A seed with `count` exact outliers (§3 bits 32-39, §5.2).
@@ -281,6 +295,28 @@ inline std::string check_against(const Product& ref, const float* y, int64_t M, 
       }
     }
   return "";
+}
+
+// §5.3 from its definition, in double: (A·Q)[m, k] = Σ_j a[m, j]·s_j·H[j, k] / √R over the R values j of k's
+// block, H[i, j] = (−1)^popcount(i & j), s_j = −1 where bit j mod 64 of splitmix64 output ⌊j/64⌋ (from the
+// state `seed`) is set.
+inline std::vector<double> rotate_rows(const float* A, int64_t M, int64_t K, int64_t R, uint64_t seed) {
+  std::vector<double> s(static_cast<size_t>(K));
+  uint64_t state = seed, z = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    if (k % 64 == 0) z = splitmix64_next(state);
+    s[static_cast<size_t>(k)] = (z >> (k % 64)) & 1 ? -1.0 : 1.0;
+  }
+  std::vector<double> out(static_cast<size_t>(M * K));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t k0 = k - k % R;
+      double sum = 0.0;
+      for (int64_t j = k0; j < k0 + R; ++j)
+        sum += (__builtin_popcountll(static_cast<uint64_t>((j - k0) & (k - k0))) % 2 ? -s[j] : s[j]) * A[m * K + j];
+      out[static_cast<size_t>(m * K + k)] = sum / std::sqrt(static_cast<double>(R));
+    }
+  return out;
 }
 
 }  // namespace rbe_ref

@@ -30,7 +30,7 @@ struct Weight {
 // center: None or K floats (FORMAT.md §5.1); outliers: None or the §5.2 records. prepare_weight copies what
 // it needs of both, so they need not outlive the call.
 Weight make_weight(const I64& seeds, const U8& codes, int64_t K, int64_t N, int64_t block_size, int64_t bits,
-                   float scale0, py::object center, py::object outliers) {
+                   float scale0, py::object center, py::object outliers, int64_t rotation, uint64_t rotation_seed) {
   rbe::WeightShape s{K, N, block_size, bits, scale0};
   Weight out{codes, {}};
   F32 c;
@@ -47,7 +47,7 @@ Weight make_weight(const I64& seeds, const U8& codes, int64_t K, int64_t N, int6
   out.w = rbe::prepare_weight(s, seeds.data(), seeds.size(), out.codes.data(), out.codes.size(),
                               center.is_none() ? nullptr : c.data(), center.is_none() ? 0 : c.size(),
                               outliers.is_none() ? nullptr : (o.size() ? o.data() : &kNone),
-                              outliers.is_none() ? 0 : o.size());
+                              outliers.is_none() ? 0 : o.size(), rotation, rotation_seed);
   return out;
 }
 
@@ -119,7 +119,7 @@ PYBIND11_MODULE(_kernels, m) {
   py::class_<Weight>(m, "Weight")
       .def(py::init(&make_weight), py::arg("seeds"), py::arg("codes"), py::arg("K"), py::arg("N"),
            py::arg("block_size"), py::arg("bits"), py::arg("scale0"), py::arg("center") = py::none(),
-           py::arg("outliers") = py::none())
+           py::arg("outliers") = py::none(), py::arg("rotation") = 0, py::arg("rotation_seed") = 0)
       .def("gemm", &gemm, py::arg("a"), py::arg("bias") = py::none(), py::arg("isa") = "auto",
            py::arg("threads") = 1, py::arg("accuracy_level") = 0)
       .def("gemm_seconds", &gemm_seconds, py::arg("a"), py::arg("isa") = "auto", py::arg("threads") = 1,

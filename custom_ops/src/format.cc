@@ -130,8 +130,12 @@ void validate_shape(const WeightShape& s) {
 
 PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, int64_t n_seeds,
                               const uint8_t* codes, int64_t n_code_bytes, const float* center,
-                              int64_t n_center, const uint8_t* outliers, int64_t n_outlier_bytes) {
+                              int64_t n_center, const uint8_t* outliers, int64_t n_outlier_bytes, int64_t rotation,
+                              uint64_t rotation_seed) {
   validate_shape(shape);
+  if (rotation != 0 && !is_valid_rotation(shape.K, rotation))
+    fail("attribute 'rotation'=" + std::to_string(rotation) + " must be 0 or a power of two in [2, " +
+         std::to_string(kMaxRotation) + "] dividing K=" + std::to_string(shape.K));
   const int64_t nb = shape.blocks_per_column();
   const int64_t n_blocks = shape.N * nb;
   if (seeds == nullptr || n_seeds != n_blocks) {
@@ -179,7 +183,11 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
     if (f.tag == kSeedTagV1)
       bad = "tag 0xB1: a format-1 file (its 3-bit code layout is not format 2's); re-run `rbe-onnx rewrite` "
             "on the original model to re-encode it";
-    else if (f.tag != kSeedTag) bad = "tag is not 0xB2 (not an RBE v2 seed)";
+    else if (f.tag == kSeedTagRotated && rotation == 0)
+      bad = "tag 0xB3: the block belongs to a rotated product (FORMAT.md §5.3) but the node has no 'rotation'";
+    else if (f.tag == kSeedTag && rotation != 0)
+      bad = "tag 0xB2 in a node with a 'rotation': a rotated node's seeds carry 0xB3 (FORMAT.md §5.3)";
+    else if (f.tag != kSeedTag && f.tag != kSeedTagRotated) bad = "tag is not 0xB2 (not an RBE v2 seed)";
     else if (f.width != static_cast<uint32_t>(shape.bits)) bad = "width field differs from the bits attribute";
     else if (f.outliers != 0 && outliers == nullptr) bad = "outlier count nonzero but the node has no outliers input";
     else if (f.outliers > static_cast<uint32_t>(shape.block_size)) bad = "outlier count above block_size";
@@ -212,6 +220,7 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
     for (size_t c = 0; c < 64; ++c) w.lut_vnni[t][c] = static_cast<uint8_t>(w.levels[t][c % w.levels[t].size()] + 128);
   }
   if (outliers != nullptr) prepare_outliers(w, outliers, n_outlier_bytes);
+  set_rotation(w, rotation, rotation_seed);
   return w;
 }
 

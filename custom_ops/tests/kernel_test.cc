@@ -24,6 +24,7 @@
 
 #include "rbe/format.h"
 #include "rbe/kernels.h"
+#include "reference.h"  // rbe_ref::rotate_rows (§5.3 from its definition), rbe_ref::with_tag
 
 namespace {
 
@@ -417,6 +418,51 @@ void test_gemm(const Case& c, const std::vector<rbe::Isa>& simd, double* worst, 
   test_gemm_int8(c, rw, w, bias, simd, rng, worst_int8);
 }
 
+// The input rotation (§5.3): the same random weights with their seeds retagged 0xB3 and a rotation; the scalar
+// kernel against (A·Q)·W computed from the definition of Q, every SIMD kernel against the scalar one (float
+// and int8 paths).
+void test_rotation(const Case& c, int64_t R, const std::vector<rbe::Isa>& simd, double* worst) {
+  std::mt19937_64 rng(static_cast<uint64_t>(c.K * 7919 + R));
+  RandomWeight rw = random_weight(c, rng);
+  for (auto& s : rw.seeds) s = rbe_ref::with_tag(s, rbe::kSeedTagRotated);
+  const uint64_t seed = rng();
+  const std::string what = "rotation=" + std::to_string(R);
+  rbe::PreparedWeight w;
+  try {
+    w = rbe::prepare_weight(rw.shape, rw.seeds.data(), static_cast<int64_t>(rw.seeds.size()), rw.codes.data(),
+                            static_cast<int64_t>(rw.codes.size()), rw.center_ptr(),
+                            static_cast<int64_t>(rw.center.size()), nullptr, 0, R, seed);
+  } catch (const std::exception& e) {
+    report(false, describe(c, 0, what + ": prepare_weight threw: " + e.what()));
+    return;
+  }
+  std::normal_distribution<float> normal(0.f, 1.f);
+  for (int64_t M : {1, 7, 64}) {
+    std::vector<float> A(static_cast<size_t>(M * c.K));
+    for (auto& v : A) v = normal(rng);
+    const std::vector<double> AQ = rbe_ref::rotate_rows(A.data(), M, c.K, R, seed);
+    std::vector<double> direct(static_cast<size_t>(M * c.N), 0.0);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < c.K; ++k)
+        for (int64_t n = 0; n < c.N; ++n) direct[m * c.N + n] += AQ[m * c.K + k] * rw.W[k * c.N + n];
+    std::vector<float> ref(static_cast<size_t>(M * c.N), NAN), ref8(ref.size(), NAN);
+    double rel = 0.0;
+    rbe::gemm(w, A.data(), M, nullptr, ref.data(), rbe::Isa::Scalar);
+    report(close(ref, direct, &rel), describe(c, M, what + " scalar vs (A·Q)·W, rel " + std::to_string(rel)));
+    rbe::gemm(w, A.data(), M, nullptr, ref8.data(), rbe::Isa::Scalar, rbe::serial_for, rbe::kAccuracyInt8);
+    const std::vector<double> ref_d(ref.begin(), ref.end()), ref8_d(ref8.begin(), ref8.end());
+    for (rbe::Isa isa : simd)
+      for (int level : {rbe::kAccuracyFloat, rbe::kAccuracyInt8}) {
+        std::vector<float> Y(static_cast<size_t>(M * c.N), NAN);
+        rbe::gemm(w, A.data(), M, nullptr, Y.data(), isa, rbe::serial_for, level);
+        const bool ok = close(Y, level == rbe::kAccuracyInt8 ? ref8_d : ref_d, &rel);
+        *worst = std::max(*worst, rel);
+        report(ok, describe(c, M, what + " " + rbe::isa_name(isa) + (level ? " int8" : "") + " vs scalar, rel " +
+                                      std::to_string(rel)));
+      }
+  }
+}
+
 void expect_format_error(const std::string& what, const std::function<void()>& fn) {
   try {
     fn();
@@ -579,8 +625,16 @@ int main() {
       for (const auto& kn : center_shapes)
         for (bool center : {false, true})
           test_gemm(Case{bits, block_size, kn[0], kn[1], center, true}, simd, &worst, &worst_int8);
+  // With an input rotation: R from 2 to K, with and without a center.
+  double worst_rotated = 0.0;
+  const int64_t rotation_cases[][2] = {{256, 256}, {256, 2}, {384, 128}, {96, 32}};  // K, R
+  for (int bits : {2, 3, 4, 8})
+    for (const auto& kr : rotation_cases)
+      for (bool center : {false, true})
+        test_rotation(Case{bits, bits == 3 ? 128 : 64, kr[0], 19, center}, kr[1], simd, &worst_rotated);
   if (!simd.empty())
-    std::printf("kernel_test: worst SIMD rel error vs scalar: float %.3g, int8 %.3g\n", worst, worst_int8);
+    std::printf("kernel_test: worst SIMD rel error vs scalar: float %.3g, int8 %.3g, rotated %.3g\n", worst,
+                worst_int8, worst_rotated);
   test_malformed();
 
   std::printf("kernel_test: %d passed, %d failed\n", g_passed, g_failed);

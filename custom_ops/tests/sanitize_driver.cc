@@ -7,7 +7,9 @@
 //     of the block size, with and without bias, serial and on a std::thread pool: every result against the
 //     double-precision reference of fuzz/reference.h, and every SIMD result against the scalar one;
 //  3. NaN/Inf rows in A, M = 0, unknown/unavailable ISAs, decode_weight;
-//  4. the center vector (§5.1): prepare_weight's center and alpha rules, gemm with a center on every ISA.
+//  4. the center vector (§5.1): prepare_weight's center and alpha rules, gemm with a center on every ISA;
+//  5. the input rotation (§5.3): set_rotation's rules, gemm with a rotation on every ISA (float and int8)
+//     against the reference product of A·Q, Q built entry by entry from its definition.
 // Every buffer is a heap allocation of exactly the size handed over, so any overread is reported.
 // Exit status 0 and "sanitize_driver: ok" on stdout when every check passed; 1 otherwise.
 #include <algorithm>
@@ -433,6 +435,97 @@ void check_misc(std::mt19937_64& rng) {
     }
 }
 
+// The weight of b prepared with a rotation (its seeds retagged 0xB3, §5.3); false if prepare_weight refused it.
+bool prepare_rotated(Buffers& b, int64_t R, uint64_t seed, rbe::PreparedWeight* out, const std::string& what) {
+  for (int64_t i = 0; i < b.n_seeds; ++i) b.seeds[i] = rbe_ref::with_tag(b.seeds[i], rbe::kSeedTagRotated);
+  try {
+    *out = rbe::prepare_weight(b.shape, b.seeds.get(), b.n_seeds, b.codes.get(), b.n_codes, b.center.get(),
+                               b.n_center, nullptr, 0, R, seed);
+    return true;
+  } catch (const rbe::FormatError& e) {
+    expect(std::strlen(e.what()) > 0, what + ": FormatError without a message");
+    return false;
+  }
+}
+
+void check_rotation(std::mt19937_64& rng) {
+  // splitmix64 from state 0 starts 0xE220A8397B1DCDAF: the signs of k = 0..63 are its bits.
+  {
+    Buffers b = random_weight(64, 3, 32, 4, 1e-3f, rng);
+    rbe::PreparedWeight w;
+    expect(prepare_rotated(b, 64, 0, &w, "rotation signs"), "rotated weight rejected");
+    for (int k = 0; k < 64; ++k)
+      if ((w.rotation_signs[k] < 0) != static_cast<bool>((0xE220A8397B1DCDAFull >> k) & 1)) {
+        expect(false, "rotation sign " + std::to_string(k) + " is not splitmix64's bit");
+        break;
+      }
+  }
+  struct Case { int64_t K, R, bs, bits; };
+  for (const Case& c : {Case{6, 2, 32, 3}, Case{96, 32, 64, 4}, Case{256, 256, 128, 2}, Case{384, 128, 256, 3},
+                        Case{200, 8, 32, 8}, Case{4096, 4096, 256, 4}}) {
+    Buffers b = random_weight(c.K, 21, c.bs, c.bits, 2e-3f, rng, /*with_center=*/c.bits == 3);
+    const std::string tag = describe(b.shape) + " rotation=" + std::to_string(c.R);
+    rbe::PreparedWeight w;
+    const uint64_t seed = rng();
+    if (!prepare_rotated(b, c.R, seed, &w, tag)) {
+      expect(false, tag + ": weight rejected");
+      continue;
+    }
+    for (int64_t M : {1, 5, 17}) {
+      std::uniform_real_distribution<float> u(-1.f, 1.f);
+      std::unique_ptr<float[]> A(new float[static_cast<size_t>(M * c.K)]);
+      for (int64_t i = 0; i < M * c.K; ++i) A[i] = u(rng);
+      const std::vector<double> AQd = rbe_ref::rotate_rows(A.get(), M, c.K, c.R, seed);
+      const std::vector<float> AQ(AQd.begin(), AQd.end());
+      const rbe_ref::Product ref = rbe_ref::reference_gemm(c.K, 21, c.bs, static_cast<int>(c.bits), 2e-3f,
+                                                           b.seeds.get(), b.codes.get(), AQ.data(), M, nullptr,
+                                                           b.center.get());
+      const size_t ny = static_cast<size_t>(M * 21);
+      for (rbe::Isa isa : available_isas()) {
+        std::unique_ptr<float[]> y(new float[ny]);
+        rbe::gemm(w, A.get(), M, nullptr, y.get(), isa, thread_pool(3));
+        const std::string name = tag + " M=" + std::to_string(M) + " " + rbe::isa_name(isa);
+        const std::string bad = rbe_ref::check_against(ref, y.get(), M, 21, c.K, w.shape.blocks_per_column(),
+                                                       name.c_str());
+        expect(bad.empty(), bad);
+      }
+      // int8: every ISA against the scalar int8 kernel, as in check_gemm_case.
+      std::unique_ptr<float[]> scalar8(new float[ny]);
+      rbe::gemm(w, A.get(), M, nullptr, scalar8.get(), rbe::Isa::Scalar, rbe::serial_for, rbe::kAccuracyInt8);
+      double scale = 1.0;
+      for (size_t i = 0; i < ny; ++i) scale = std::max(scale, static_cast<double>(std::fabs(scalar8[i])));
+      for (rbe::Isa isa : int8_isas()) {
+        std::unique_ptr<float[]> y(new float[ny]);
+        rbe::gemm(w, A.get(), M, nullptr, y.get(), isa, thread_pool(3), rbe::kAccuracyInt8);
+        for (size_t i = 0; i < ny; ++i)
+          if (!(std::fabs(static_cast<double>(y[i]) - scalar8[i]) <= 1e-5 * scale)) {
+            expect(false, tag + " int8 " + rbe::isa_name(isa) + ": differs from the scalar int8 kernel");
+            break;
+          }
+      }
+    }
+  }
+  // §6: a rotation other than 0 or a power of two in [2, 4096] dividing K; 0xB3 seeds without a rotation;
+  // 0xB2 seeds with one.
+  Buffers b = random_weight(384, 5, 64, 4, 1e-3f, rng);
+  rbe::PreparedWeight w;
+  expect(try_prepare(b.shape, b.seeds.get(), b.n_seeds, b.codes.get(), b.n_codes, "rotation 0xB2"), "0xB2 seeds");
+  bool threw = false;
+  try {
+    rbe::prepare_weight(b.shape, b.seeds.get(), b.n_seeds, b.codes.get(), b.n_codes, nullptr, 0, nullptr, 0, 128, 1);
+  } catch (const rbe::FormatError&) { threw = true; }
+  expect(threw, "0xB2 seeds accepted with a rotation");
+  for (int64_t bad : {int64_t{1}, int64_t{3}, int64_t{256}, int64_t{8192}, int64_t{-2}, int64_t{48}})
+    expect(!prepare_rotated(b, bad, 1, &w, "rotation " + std::to_string(bad)),
+           "rotation " + std::to_string(bad) + " accepted for K=384");
+  expect(prepare_rotated(b, 128, 1, &w, "rotation 128"), "rotation 128 rejected for K=384");
+  threw = false;
+  try {
+    rbe::prepare_weight(b.shape, b.seeds.get(), b.n_seeds, b.codes.get(), b.n_codes);
+  } catch (const rbe::FormatError&) { threw = true; }
+  expect(threw, "0xB3 seeds accepted without a rotation");
+}
+
 }  // namespace
 
 int main() {
@@ -442,6 +535,7 @@ int main() {
   check_gemm(rng);
   check_center_rules(rng);
   check_misc(rng);
+  check_rotation(rng);
   std::printf("sanitize_driver: %d checks, %d failures\n", g_checks, g_failures);
   if (g_failures == 0) std::printf("sanitize_driver: ok\n");
   return g_failures == 0 ? 0 : 1;

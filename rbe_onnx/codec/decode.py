@@ -16,8 +16,8 @@ def level_tables(bits: int) -> np.ndarray:
 
 
 def decode(w: RBEWeight) -> np.ndarray:
-    """The float32 K x N matrix the weight stands for (§5: w = d · (L[c] + o), or an outlier's value, §5.2;
-    + α · c_k with a center, §5.1)."""
+    """The float32 K x N matrix the weight stands for, Y = A · decode(w) (§5: w = d · (L[c] + o), or an
+    outlier's value, §5.2; + α · c_k with a center, §5.1; times Q with an input rotation, §5.3)."""
     f = {k: v.reshape(-1) for k, v in w.validate().items()}
     d = scales_from_rho(f["rho"], w.scale0)
     codes = unpack_codes(w.codes.reshape(-1, w.block_bytes), w.bits).astype(np.intp)  # [N·nb, bs]
@@ -32,4 +32,5 @@ def decode(w: RBEWeight) -> np.ndarray:
         c[: w.K] = w.center
         cols = cols + f["alpha"][:, None] * np.tile(c.reshape(-1, w.block_size), (w.N, 1))
     cols = cols.reshape(w.N, -1)[:, : w.K]
-    return np.ascontiguousarray(cols.T)
+    stored = np.ascontiguousarray(cols.T)
+    return stored if not w.rotation else np.ascontiguousarray(w.input_rotation.unrotate(stored), np.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 TAG = 0xB2
+TAG_ROTATED = 0xB3  # the seeds of a node with an input rotation (§5.3), so a reader without it refuses them
 TAG_V1 = 0xB1  # format 1 (its own 3-bit layout): refused, pointing to `rbe-onnx rewrite`
 RHO_PER_LOG_SCALE = 512.0  # rho / 512 = hyperbolic distance 2·atanh(r) = ln(d / s0)
 THETA_STEPS = 16
@@ -31,6 +32,12 @@ def pack_seeds(rho, theta, offset, width, alpha=0.0) -> np.ndarray:
         | (off << np.uint64(20)) | ((width & np.uint64(0xF)) << np.uint64(28)) \
         | (np.broadcast_to(alpha_bits(alpha), rho.shape) << np.uint64(40)) | (np.uint64(TAG) << np.uint64(56))
     return u.view(np.int64)
+
+
+def with_tag(seeds: np.ndarray, tag: int) -> np.ndarray:
+    """The seeds with their tag field (bits 56-63) set to `tag`."""
+    u = np.ascontiguousarray(seeds, dtype=np.int64).view(np.uint64)
+    return ((u & np.uint64((1 << 56) - 1)) | (np.uint64(tag) << np.uint64(56))).view(np.int64)
 
 
 def unpack_seeds(seeds) -> dict[str, np.ndarray]:
@@ -67,7 +74,7 @@ def check_layout(K: int, N: int, bits: int, block_size: int, scale0: float) -> N
 
 
 def check_seeds(seeds: np.ndarray, K: int, N: int, bits: int, block_size: int,
-                has_center: bool = False, has_outliers: bool = False) -> dict[str, np.ndarray]:
+                has_center: bool = False, has_outliers: bool = False, rotated: bool = False) -> dict[str, np.ndarray]:
     """Validates a seed array against §6 and returns its fields."""
     nb = -(-K // block_size)
     if seeds.dtype != np.int64 or seeds.shape != (N, nb):
@@ -76,7 +83,12 @@ def check_seeds(seeds: np.ndarray, K: int, N: int, bits: int, block_size: int,
     problems = [
         (f["tag"] == TAG_V1, f"tag 0x{TAG_V1:X}: a format-1 file (its 3-bit code layout is not format 2's); "
                              "re-run `rbe-onnx rewrite` on the original model to re-encode it"),
-        (f["tag"] != TAG, f"tag is not 0x{TAG:X} (not an RBE v2 seed)"),
+        ((f["tag"] == TAG_ROTATED) & (not rotated),
+         f"tag 0x{TAG_ROTATED:X}: the block belongs to a rotated product (FORMAT.md §5.3) but the node has no "
+         "'rotation'"),
+        ((f["tag"] == TAG) & rotated, f"tag 0x{TAG:X} in a node with a 'rotation': a rotated node's seeds carry "
+                                      f"0x{TAG_ROTATED:X} (FORMAT.md §5.3)"),
+        ((f["tag"] != TAG) & (f["tag"] != TAG_ROTATED), f"tag is not 0x{TAG:X} (not an RBE v2 seed)"),
         (f["width"] != bits, f"width field differs from bits={bits}"),
         ((f["outliers"] != 0) if not has_outliers else np.zeros(1, bool),
          "outlier count nonzero but the node has no outliers input"),

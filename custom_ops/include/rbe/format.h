@@ -10,6 +10,7 @@
 namespace rbe {
 
 constexpr uint32_t kSeedTag = 0xB2;
+constexpr uint32_t kSeedTagRotated = 0xB3;  // the seeds of a node with an input rotation (§5.3)
 constexpr uint32_t kSeedTagV1 = 0xB1;  // format 1: refused with a pointer to `rbe-onnx rewrite` (§3)
 constexpr int kThetaSteps = 16;
 constexpr int kUniformTheta = 4;
@@ -78,22 +79,40 @@ struct PreparedWeight {
   std::vector<float> outlier_value;
   std::vector<float> outlier_delta;
   bool has_outliers() const { return !outlier_k.empty(); }
+  // The input rotation (§5.3): R (0: none) and D's K signs as ±1 floats. The product is (A·Q)·W with
+  // Q = D·B; the codes, center and outliers all describe the rotated weight.
+  int64_t rotation = 0;
+  std::vector<float> rotation_signs;
 };
 
 // Checks K, N, block_size, bits and scale0 against §2 (throws FormatError).
 void validate_shape(const WeightShape& shape);
 
-// Validates shape, seeds, code length, center and outliers against §6 and builds the per-block tables.
-// Throws FormatError. seeds: N·nb values; codes: code_bytes; center: K floats, or null for a node without
-// one (then every seed's alpha must be +0); outliers: the §5.2 records (3 bytes each), or null for a node
-// without them (then every seed's outlier count must be 0).
+// Validates shape, seeds, code length, center, outliers and rotation against §6 and builds the per-block
+// tables. Throws FormatError. seeds: N·nb values; codes: code_bytes; center: K floats, or null for a node
+// without one (then every seed's alpha must be +0); outliers: the §5.2 records (3 bytes each), or null for a
+// node without them (then every seed's outlier count must be 0); rotation, rotation_seed: the §5.3
+// attributes (rotation 0: none, and every seed's tag must be 0xB2; else 0xB3).
 PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, int64_t n_seeds,
                               const uint8_t* codes, int64_t n_code_bytes, const float* center = nullptr,
-                              int64_t n_center = 0, const uint8_t* outliers = nullptr, int64_t n_outlier_bytes = 0);
+                              int64_t n_center = 0, const uint8_t* outliers = nullptr, int64_t n_outlier_bytes = 0,
+                              int64_t rotation = 0, uint64_t rotation_seed = 0);
 
 // Decodes block blk (= n·nb + b) to block_size floats d·(L[c]+o), or an outlier's value (§5.2), (+ α·c_k with
 // a center, §5.1, bit for bit as the spec), tail positions included (§4).
 void decode_block(const PreparedWeight& w, int64_t blk, float* out);
+
+// §5.3. A rotation block R is 0 (none) or a power of two in [2, kMaxRotation] dividing K.
+constexpr int64_t kMaxRotation = 4096;
+bool is_valid_rotation(int64_t K, int64_t block);
+// Sets w's rotation and signs (prepare_weight's last step; throws FormatError for an invalid block).
+void set_rotation(PreparedWeight& w, int64_t block, uint64_t seed);
+// float32(1/√R), the scale applied after the butterflies.
+float rotation_norm(int64_t R);
+// out = a·Q for one row of K activations (w.rotation > 0), bit for bit as the numpy spec.
+void rotate_row(const PreparedWeight& w, const float* a, float* out);
+// col = Q·col for one K-value column of the stored weight: the weight the rotated product stands for.
+void unrotate_column(const PreparedWeight& w, float* col);
 
 // Unpacks the codes of one block (block_size values) per §4.
 void unpack_block_codes(const uint8_t* block, int bits, int block_size, uint8_t* out_codes);

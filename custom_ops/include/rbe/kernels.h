@@ -45,7 +45,8 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
 // q (nb·block_size int8, zero past K), scale (nb floats) and qsum (nb ints, Σ q over the block).
 void quantize_row_int8(const float* a, int64_t K, int64_t block_size, int8_t* q, float* scale, int32_t* qsum);
 
-// The whole K x N matrix, row-major, by the scalar reference decoder (for tests and tools only).
+// The whole K x N matrix the product stands for (Q·W with an input rotation, FORMAT.md §5.3), row-major, by
+// the scalar reference decoder (for tests and tools only).
 void decode_weight(const PreparedWeight& w, float* W);
 
 }  // namespace rbe

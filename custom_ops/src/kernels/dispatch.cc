@@ -274,6 +274,23 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
   if (M <= 0) return;
   const WeightShape& s = w.shape;
   const int64_t nb = s.blocks_per_column(), Kp = s.padded_K();
+  // Per-row work on the activations (rotation, quantization, center sums): on the pool once a product has
+  // 64 Ki values of it, in the calling thread below that, where the hand-off would cost more than the work.
+  auto for_rows = [&](int64_t values, const std::function<void(size_t)>& task) {
+    if (values >= (int64_t{1} << 16)) parallel_for(static_cast<size_t>(M), task);
+    else serial_for(static_cast<size_t>(M), task);
+  };
+  // §5.3: the product is (A·Q)·W; everything below (int8 quantization, center, outliers) sees A·Q.
+  std::vector<float> a_rot;
+  if (w.rotation) {
+    a_rot.resize(static_cast<size_t>(M * s.K));
+    void (*rotate_one)(const PreparedWeight&, const float*, float*) = rotate_row;
+#if defined(RBE_HAVE_AVX2)
+    if (isa == Isa::Avx2 || isa == Isa::Avx2Vnni || isa == Isa::Avx512) rotate_one = rotate_row_avx2;
+#endif
+    for_rows(M * s.K, [&](size_t m) { rotate_one(w, A + m * s.K, a_rot.data() + m * s.K); });
+    A = a_rot.data();
+  }
   std::vector<float> a_pad, a_sums, a_scale, a_qsum_scaled, a_qsum_scaled_lane;
   std::vector<int8_t> a_q;
   std::vector<int32_t> a_qsum, a_qsum_init, a_qsum_init_lane;
@@ -296,8 +313,7 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
         a_qsum_init_lane[m * nb + b] = -16 * a_qsum[m * nb + b];
       }
     };
-    if (M * Kp >= (int64_t{1} << 16)) parallel_for(static_cast<size_t>(M), quantize);
-    else serial_for(static_cast<size_t>(M), quantize);
+    for_rows(M * Kp, quantize);
     p.a_q = a_q.data();
     p.a_scale = a_scale.data();
     p.a_qsum = a_qsum.data();
@@ -347,8 +363,7 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
         a_center[m * nb + b] = sum;
       }
     };
-    if (M * Kp >= (int64_t{1} << 16)) parallel_for(static_cast<size_t>(M), center_dots);
-    else serial_for(static_cast<size_t>(M), center_dots);
+    for_rows(M * Kp, center_dots);
   }
   // Column tasks, whole 16-column tiles. Decoding (M <= 4) streams the codes, and a task's codes are one
   // contiguous run (§4): a few long runs per thread keep the prefetchers ahead, where 64-column tasks
@@ -389,13 +404,12 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
 void decode_weight(const PreparedWeight& w, float* W) {
   const WeightShape& s = w.shape;
   const int64_t nb = s.blocks_per_column();
-  std::vector<float> block(s.block_size);
-  for (int64_t n = 0; n < s.N; ++n)
-    for (int64_t b = 0; b < nb; ++b) {
-      decode_block(w, n * nb + b, block.data());
-      for (int64_t i = 0; i < s.block_size && b * s.block_size + i < s.K; ++i)
-        W[(b * s.block_size + i) * s.N + n] = block[i];
-    }
+  std::vector<float> col(static_cast<size_t>(s.padded_K()));
+  for (int64_t n = 0; n < s.N; ++n) {
+    for (int64_t b = 0; b < nb; ++b) decode_block(w, n * nb + b, col.data() + b * s.block_size);
+    if (w.rotation) unrotate_column(w, col.data());  // §5.3: the weight the product stands for, Q·W
+    for (int64_t k = 0; k < s.K; ++k) W[k * s.N + n] = col[k];
+  }
 }
 
 }  // namespace rbe

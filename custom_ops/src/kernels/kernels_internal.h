@@ -42,5 +42,7 @@ void gemm_columns_avx2(const GemmProblem& p, int64_t n0, int64_t n1);
 void gemm_columns_avx2vnni(const GemmProblem& p, int64_t n0, int64_t n1);
 void gemm_columns_avx512(const GemmProblem& p, int64_t n0, int64_t n1);
 void gemm_columns_neon(const GemmProblem& p, int64_t n0, int64_t n1);
+// rotate_row (FORMAT.md §5.3) on AVX2, the same bits.
+void rotate_row_avx2(const PreparedWeight& w, const float* a, float* out);
 
 }  // namespace rbe

@@ -156,8 +156,15 @@ PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t 
     n_outliers = o.size();
     outliers = n_outliers ? tensor_data<uint8_t>(api, value) : &kNone;
   }
+  // The input rotation (§5.3): both attributes optional, absent meaning none.
+  int64_t rotation = 0, rotation_seed = 0;
+  st = api.KernelInfoGetAttribute_int64(info, "rotation", &rotation);
+  if (st) { api.ReleaseStatus(st); rotation = 0; }
+  st = api.KernelInfoGetAttribute_int64(info, "rotation_seed", &rotation_seed);
+  if (st) { api.ReleaseStatus(st); rotation_seed = 0; }
   return prepare_weight(shape, tensor_data<int64_t>(api, seeds_value), seeds.size(),
-                        tensor_data<uint8_t>(api, codes_value), codes.size(), center, n_center, outliers, n_outliers);
+                        tensor_data<uint8_t>(api, codes_value), codes.size(), center, n_center, outliers, n_outliers,
+                        rotation, static_cast<uint64_t>(rotation_seed));
 }
 
 void init_op_defaults(OrtCustomOp& op) {

@@ -73,6 +73,9 @@ struct RbeGatherOp : OrtCustomOp {
         kernel->api = api;
         kernel->name = name;
         kernel->weight = read_weight(*api, info, 1, 2, 3, 4);
+        // A rotated weight stores Qᵀ·W: its columns are not the table's rows (FORMAT.md §5.3).
+        if (kernel->weight.rotation)
+          throw FormatError("attribute 'rotation' is for RBEFusedGemm only: a gathered table is stored unrotated");
         *out = kernel.release();
       });
     };
