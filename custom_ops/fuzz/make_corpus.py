@@ -159,6 +159,12 @@ def corpus() -> dict[str, bytes]:
                         "huge-valid-shape-short-buffers": (1 << 24, 1 << 24, 32, 8)}.items():
         files[name] = make_input(K=shape[0], N=shape[1], block_size=shape[2], bits=shape[3], raw_shape=shape,
                                  scale0=1e-3)
+    # A weight of exact zeros (8-bit codes 128, offset 0) at accuracy_level 4, so every output must be exactly 0.
+    # The AVX-512 GEMV once split -128·Σq evenly over its lanes and gave -7.5e-9: each lane's share was
+    # rounded in float before they cancelled.
+    files["valid-int8-zero-weight-b8-bs128-K40-N16-M2"] = make_input(
+        K=40, N=16, block_size=128, bits=8, scale0=1 / 128, seeds=[canonical_seed(8)] * 16,
+        codes=b"\x80" * (16 * 128), M=2, outlier_options=INT8)
     return files
 
 

@@ -302,7 +302,7 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
     a_qsum_scaled.resize(static_cast<size_t>(M * nb));
     a_qsum_init.resize(static_cast<size_t>(M * nb));
     a_qsum_scaled_lane.resize(static_cast<size_t>(M * nb));
-    a_qsum_init_lane.resize(static_cast<size_t>(M * nb));
+    a_qsum_init_lane.resize(static_cast<size_t>(M * nb * kGemvLanes));
     auto quantize = [&](size_t m) {
       quantize_row_int8(A + m * s.K, s.K, s.block_size, a_q.data() + m * Kp, a_scale.data() + m * nb,
                         a_qsum.data() + m * nb);
@@ -310,7 +310,10 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
         a_qsum_scaled[m * nb + b] = a_scale[m * nb + b] * static_cast<float>(a_qsum[m * nb + b]);
         a_qsum_init[m * nb + b] = -128 * a_qsum[m * nb + b];
         a_qsum_scaled_lane[m * nb + b] = a_qsum_scaled[m * nb + b] * 0.125f;
-        a_qsum_init_lane[m * nb + b] = -16 * a_qsum[m * nb + b];
+        int32_t* lanes = a_qsum_init_lane.data() + (m * nb + b) * kGemvLanes;
+        std::fill(lanes, lanes + kGemvLanes, 0);
+        const int8_t* qb = a_q.data() + m * Kp + b * s.block_size;
+        for (int64_t k = 0; k < s.block_size; ++k) lanes[k % 32 / 4] -= 128 * qb[k];
       }
     };
     for_rows(M * Kp, quantize);

@@ -15,6 +15,9 @@ namespace rbe {
 template <int BITS>
 constexpr int chunk_of(int64_t block_size) { return BITS == 3 ? chunk_3bit(block_size) : kGroup; }
 
+// int32 lanes of the x86 int8 GEMV's accumulators (one 256-bit register).
+constexpr int64_t kGemvLanes = 8;
+
 struct GemmProblem {
   const PreparedWeight* w;
   const float* a_pad;   // float path: M x padded_K
@@ -28,10 +31,14 @@ struct GemmProblem {
   const int32_t* a_qsum;      // M x nb: Σ q over the block
   const float* a_qsum_scaled; // M x nb: s · Σ q (float), for the offset term d·o·s·Σq
   const int32_t* a_qsum_init; // M x nb: -128 · Σ q, where a VNNI accumulator of Σ (L + 128)·q starts
-  // The same two split over the 8 lanes of one accumulator (exact: Σq·s/8 is a power-of-two scaling and
-  // -128·Σq/8 = -16·Σq), so the GEMV loads them as broadcasts instead of building a one-lane vector per block.
+  // For the GEMV, whose 8 int32 lanes each sum 4 of every 32 consecutive k (lane j: k mod 32 in [4j, 4j+4)).
+  // The offset term is spread evenly (Σq·s/8, a power-of-two scaling, exact), a broadcast load per block. The
+  // start is each lane's own -128·Σq over its k, a vector load per block: then every lane ends at its exact
+  // Σ L·q. An even split (-16·Σq each) ends with the same total, but the lanes then hold partial sums up to
+  // 128/|L| times larger that cancel only after each was rounded in float (the fuzzer found an all-zero
+  // column giving -7.5e-9).
   const float* a_qsum_scaled_lane;  // M x nb: s · Σ q / 8
-  const int32_t* a_qsum_init_lane;  // M x nb: -16 · Σ q
+  const int32_t* a_qsum_init_lane;  // M x nb x 8: -128 · Σ q over lane j's k of the block
 };
 
 // Each kernel computes columns [n0, n1) of Y for all M rows, on the float path or, when p.a_q is set, the
