@@ -7,7 +7,10 @@
 //    rules independently) and reject the others with rbe::FormatError (a normal outcome), nothing else;
 //  - scalar and best-ISA gemm must both match a double-precision reference computed from the raw seeds,
 //    codes and outlier records (reference.h) within a rounding bound, and each other; rows of A with NaN/Inf
-//    must give non-finite outputs; with the INT8 option, again at accuracy_level 4 (§2.1);
+//    must give non-finite outputs; with the INT8 option, again at accuracy_level 4 (§2.1); with ROTATE the
+//    reference multiplies A·Q (§5.3, from its definition in double), and at accuracy_level 4, where the int8
+//    rounding of A·Q would turn the float A·Q's last bits into whole steps of q, the best ISA is held to the
+//    scalar int8 kernel instead (both quantize the same, bit-identical A·Q);
 //  - ASan/UBSan (built with -fsanitize=fuzzer,address,undefined): every buffer below is a heap allocation
 //    of exactly the size claimed, so any read past the codes, seeds, outliers, A or bias is reported.
 //
@@ -23,8 +26,10 @@
 //   i8  seed count delta (with SEED_DELTA), i16 code length delta (with CODE_DELTA)
 //   u16 S: how many seeds are taken from the input
 //   u8  PRNG seed (fills whatever the input does not give: seeds past S, codes past the input's end, A)
-//   OUTLIERS:   u8 options: bit0 DERIVE, bit1 RANDOM_COUNTS, bit2 INT8; u16 L;
-//               with DERIVE also u16 P, i8 length delta
+//   OUTLIERS:   u8 options: bit0 DERIVE, bit1 RANDOM_COUNTS, bit2 INT8, bit3 ROTATE; u16 L;
+//               with DERIVE also u16 P, i8 length delta;
+//               with ROTATE also u8 r (rotation R = 2^(1 + r % 12) for r < 240, else r - 248: 0, odd,
+//               negative and too short ones break §6) and u64 rotation_seed
 //   S x u64 seed masks: seed i = mask_i XOR (a valid seed of width `bits`, rho = theta = offset = 0 but
 //                       theta = 4), so all-zero masks are valid and flipped bits probe each seed field
 //   OUTLIERS:   L bytes. Without DERIVE they are the §5.2 record buffer itself (zeros past the input's end).
@@ -35,6 +40,7 @@
 //               RANDOM_COUNTS gives the PRNG's seeds (past S) outlier counts (mostly 0-3, sometimes every
 //               row of the block); INT8 also runs both gemms at accuracy_level 4. Without OUTLIERS the node
 //               has no outliers input (null); with it, it has one, of exactly the buffer's length (maybe 0).
+//               ROTATE retags every seed 0xB3 (§5.3), so all-zero masks stay valid.
 //   rest: code bytes (then PRNG bytes up to the claimed length)
 // custom_ops/fuzz/make_corpus.py writes seed inputs in this layout.
 #include <cstddef>
@@ -58,7 +64,7 @@ enum Flags : uint8_t {
   kRawShape = 1, kRawScale = 2, kBias = 4, kSeedDelta = 8, kCodeDelta = 16, kNanInA = 32, kInfInA = 64,
   kOutliers = 128
 };
-enum OutlierOptions : uint8_t { kDerive = 1, kRandomCounts = 2, kInt8 = 4 };
+enum OutlierOptions : uint8_t { kDerive = 1, kRandomCounts = 2, kInt8 = 4, kRotate = 8 };
 constexpr int64_t kMaxSeeds = int64_t{1} << 16;       // caps what one input may make us allocate
 constexpr int64_t kMaxCodeBytes = int64_t{1} << 21;
 // A (M x K floats) and the kernels' padded and quantized copies of it grow with K, which a raw shape can set to
@@ -193,6 +199,13 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       out_delta = in.take<int8_t>();
     }
   }
+  int64_t rotation = 0;
+  uint64_t rotation_seed = 0;
+  if (out_options & kRotate) {
+    const uint8_t r = in.take<uint8_t>();
+    rotation = r < 240 ? int64_t{1} << (1 + r % 12) : int64_t{r} - 248;
+    rotation_seed = in.take<uint64_t>();
+  }
 
   // Sizes: the true ones when the shape is valid and small enough, otherwise a small (truthful) buffer
   // that cannot match, so prepare_weight must reject it before reading past it.
@@ -224,6 +237,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                                           random_count(r, shape_nb ? std::min(bs, K - (i % shape_nb) * bs) : 0));
     }
   }
+  if (out_options & kRotate)
+    for (int64_t i = 0; i < n_seeds; ++i) seeds[i] = rbe_ref::with_tag(seeds[i], (seeds[i] >> 56 & 0xFF) ^ 0x01);
   // The outliers input: null without OUTLIERS, else exactly-sized (new uint8_t[0] for an empty one, which is
   // not null: an empty outliers input is still given, and ASan reports any read of it).
   std::unique_ptr<uint8_t[]> outliers;
@@ -255,7 +270,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
 
   const std::string expected = rbe_ref::invalid_reason(K, N, bs, bits, scale0, seeds.get(), n_seeds, codes.get(),
-                                                       n_code_bytes, nullptr, 0, outliers.get(), n_outlier_bytes);
+                                                       n_code_bytes, nullptr, 0, outliers.get(), n_outlier_bytes,
+                                                       rotation);
   rbe::WeightShape shape;
   shape.K = K;
   shape.N = N;
@@ -265,7 +281,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   rbe::PreparedWeight w;
   try {
     w = rbe::prepare_weight(shape, seeds.get(), n_seeds, codes.get(), n_code_bytes, nullptr, 0, outliers.get(),
-                            n_outlier_bytes);
+                            n_outlier_bytes, rotation, rotation_seed);
   } catch (const rbe::FormatError& e) {
     if (expected.empty())
       die(std::string("prepare_weight rejected a valid weight: ") + e.what() + " (K=" + std::to_string(K) +
@@ -278,11 +294,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   if (!expected.empty()) die("prepare_weight accepted a weight the spec rejects: " + expected);
   if (verbose())
-    std::fprintf(stderr, "RBE_FUZZ accepted: K=%lld N=%lld block_size=%lld bits=%lld M=%lld outliers=%lld%s\n",
-                 static_cast<long long>(K), static_cast<long long>(N), static_cast<long long>(bs),
-                 static_cast<long long>(bits), static_cast<long long>(M_in),
+    std::fprintf(stderr, "RBE_FUZZ accepted: K=%lld N=%lld block_size=%lld bits=%lld M=%lld outliers=%lld "
+                 "rotation=%lld%s\n", static_cast<long long>(K), static_cast<long long>(N),
+                 static_cast<long long>(bs), static_cast<long long>(bits), static_cast<long long>(M_in),
                  static_cast<long long>(n_outlier_bytes / rbe_ref::kOutlierRecordBytes),
-                 (out_options & kInt8) ? " int8" : "");
+                 static_cast<long long>(rotation), (out_options & kInt8) ? " int8" : "");
 
   // Accepted: run the kernels on a small A and compare with the reference.
   if (M_in == 0) return 0;
@@ -299,23 +315,34 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     bias.reset(new float[static_cast<size_t>(N)]);
     for (int64_t n = 0; n < N; ++n) bias[n] = rng.uniform();
   }
+  // What the codes multiply: A, or A·Q from §5.3's definition (in double, rounded once to float).
+  std::vector<float> AQ;
+  if (rotation != 0) {
+    const std::vector<double> AQd = rbe_ref::rotate_rows(A.get(), M, K, rotation, rotation_seed);
+    AQ.assign(AQd.begin(), AQd.end());
+  }
+  const float* A_ref = rotation != 0 ? AQ.data() : A.get();
   std::vector<int> levels{rbe::kAccuracyFloat};
   if (out_options & kInt8) levels.push_back(rbe::kAccuracyInt8);
   for (const int level : levels) {
     const rbe_ref::Product ref = rbe_ref::reference_gemm(K, N, bs, static_cast<int>(bits), scale0, seeds.get(),
-                                                         codes.get(), A.get(), M, bias.get(), nullptr,
+                                                         codes.get(), A_ref, M, bias.get(), nullptr,
                                                          outliers.get(), level);
     const std::string at = " at accuracy_level " + std::to_string(level);
+    const bool against_scalar = rotation != 0 && level == rbe::kAccuracyInt8;
     std::unique_ptr<float[]> y_scalar(new float[static_cast<size_t>(M * N)]);
     rbe::gemm(w, A.get(), M, bias.get(), y_scalar.get(), rbe::Isa::Scalar, rbe::serial_for, level);
-    std::string bad = rbe_ref::check_against(ref, y_scalar.get(), M, N, K, nb, ("scalar" + at).c_str());
+    std::string bad;
+    if (!against_scalar) bad = rbe_ref::check_against(ref, y_scalar.get(), M, N, K, nb, ("scalar" + at).c_str());
     if (!bad.empty()) die(bad);
 
     const rbe::Isa best = rbe::best_isa();
     if (best != rbe::Isa::Scalar) {
       std::unique_ptr<float[]> y_best(new float[static_cast<size_t>(M * N)]);
       rbe::gemm(w, A.get(), M, bias.get(), y_best.get(), best, reverse_for, level);
-      bad = rbe_ref::check_against(ref, y_best.get(), M, N, K, nb, (rbe::isa_name(best) + at).c_str());
+      const std::string name = rbe::isa_name(best) + at;
+      bad = rbe_ref::check_against(ref, y_best.get(), M, N, K, nb, name.c_str(),
+                                   against_scalar ? y_scalar.get() : nullptr);
       if (!bad.empty()) die(bad);
     }
   }

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 RAW_SHAPE, RAW_SCALE, BIAS, SEED_DELTA, CODE_DELTA, NAN_IN_A, INF_IN_A, OUTLIERS = 1, 2, 4, 8, 16, 32, 64, 128
-DERIVE, RANDOM_COUNTS, INT8 = 1, 2, 4  # the OUTLIERS options byte
+DERIVE, RANDOM_COUNTS, INT8, ROTATE = 1, 2, 4, 8  # the OUTLIERS options byte
 BLOCKS, BITS = (32, 64, 128, 256), (2, 3, 4, 8)
-TAG = 0xB2
+TAG, TAG_ROTATED = 0xB2, 0xB3
 
 
 def canonical_seed(bits: int) -> int:
@@ -29,12 +29,16 @@ def canonical_seed(bits: int) -> int:
 
 def make_input(*, K, N, block_size, bits, scale0=None, seeds=None, codes=b"", flags=0, M=1, a_exp=0,
                seed_delta=0, code_delta=0, prng=0, raw_shape=None, outlier_options=None, outlier_bytes=b"",
-               xor_at=0, outlier_delta=0) -> bytes:
+               xor_at=0, outlier_delta=0, rotation=None, rotation_seed=0) -> bytes:
     """One fuzzer input. seeds: uint64-compatible ints (the true seeds; stored as masks). raw_shape: 4 int64
     (K, N, block_size, bits) stored verbatim instead of the small-shape selectors. outlier_options: None for a
     node without an outliers input, else the options byte (DERIVE, RANDOM_COUNTS, INT8), with outlier_bytes
-    the records (or, with DERIVE, the bytes XORed onto the derived ones from byte xor_at on)."""
+    the records (or, with DERIVE, the bytes XORed onto the derived ones from byte xor_at on). rotation: None,
+    or the node's rotation R (§5.3; a power of two in [2, 4096], or one in [-8, 7]); it lives in the options
+    byte, so such a node also has an outliers input (empty unless given)."""
     out = bytearray()
+    if rotation is not None:
+        outlier_options = (outlier_options or 0) | ROTATE
     if raw_shape is not None:
         flags |= RAW_SHAPE
     if scale0 is not None:
@@ -55,7 +59,16 @@ def make_input(*, K, N, block_size, bits, scale0=None, seeds=None, codes=b"", fl
         out += struct.pack("<BH", outlier_options, len(outlier_bytes))
         if outlier_options & DERIVE:
             out += struct.pack("<Hb", xor_at, outlier_delta)
-    base = canonical_seed(bits)
+    if rotation is not None:
+        power = rotation.bit_length() - 1
+        if rotation >= 2 and rotation == 1 << power and power <= 12:
+            selector = power - 1
+        else:
+            assert -8 <= rotation <= 7, rotation
+            selector = rotation + 248
+        out += struct.pack("<BQ", selector, rotation_seed)
+    # The fuzzer flips every seed's tag 0xB2 <-> 0xB3 under ROTATE: the masks are taken against that.
+    base = canonical_seed(bits) ^ ((TAG ^ TAG_ROTATED) << 56 if rotation is not None else 0)
     for s in seeds:
         out += struct.pack("<Q", s ^ base)
     out += bytes(outlier_bytes)
@@ -159,6 +172,7 @@ def corpus() -> dict[str, bytes]:
                         "huge-valid-shape-short-buffers": (1 << 24, 1 << 24, 32, 8)}.items():
         files[name] = make_input(K=shape[0], N=shape[1], block_size=shape[2], bits=shape[3], raw_shape=shape,
                                  scale0=1e-3)
+    rotation_cases(files)
     # A weight of exact zeros (8-bit codes 128, offset 0) at accuracy_level 4, so every output must be exactly 0.
     # The AVX-512 GEMV once split -128·Σq evenly over its lanes and gave -7.5e-9: each lane's share was
     # rounded in float before they cancelled.
@@ -166,6 +180,32 @@ def corpus() -> dict[str, bytes]:
         K=40, N=16, block_size=128, bits=8, scale0=1 / 128, seeds=[canonical_seed(8)] * 16,
         codes=b"\x80" * (16 * 128), M=2, outlier_options=INT8)
     return files
+
+
+def rotation_cases(files: dict[str, bytes]) -> None:
+    """Input rotations (§5.3): valid ones of several sizes (with int8 and outliers too), and each rule broken."""
+    def retagged(seeds, tag=TAG_ROTATED):
+        seeds = np.asarray(seeds).view(np.uint64) & np.uint64((1 << 56) - 1)
+        return seeds | np.uint64(tag << 56)
+
+    def rotated(name, K, N, bits, bs, M, rotation, tag=TAG_ROTATED, **kw):
+        w = encoded(K, N, bits, bs, len(files))
+        files[name] = make_input(K=K, N=N, block_size=bs, bits=bits, scale0=w.scale0, seeds=retagged(w.seeds, tag),
+                                 codes=w.codes.tobytes(), M=M, rotation=rotation, rotation_seed=len(files), **kw)
+
+    rotated("valid-rotated-b3-bs64-K256-N12-M3-int8", 256, 12, 3, 64, 3, 128, outlier_options=INT8)
+    rotated("valid-rotated-b4-bs32-K96-N5-M1", 96, 5, 4, 32, 1, 32)
+    rotated("valid-rotated-b2-bs128-K6-N7-M6-int8-nan", 6, 7, 2, 128, 6, 2, outlier_options=INT8, flags=NAN_IN_A)
+    rotated("valid-rotated-b8-bs256-K512-N9-M2-bias", 512, 9, 8, 256, 2, 512, flags=BIAS)
+    files["valid-rotated-prng-b4-bs128-K2048-N40-M5-int8-outliers"] = make_input(
+        K=2048, N=40, block_size=128, bits=4, M=5, prng=11, outlier_options=DERIVE | RANDOM_COUNTS | INT8,
+        rotation=2048, rotation_seed=2**64 - 1)
+    rotated("invalid-rotation-not-dividing-K", 100, 8, 4, 64, 1, 8)
+    rotated("invalid-rotation-3", 96, 5, 4, 32, 1, 3)
+    rotated("invalid-rotation-negative", 96, 5, 4, 32, 1, -2)
+    rotated("invalid-rotation-longer-than-K", 96, 5, 4, 32, 1, 128)
+    rotated("invalid-rotation-zero-with-0xB3-seeds", 96, 5, 4, 32, 1, 0)
+    rotated("invalid-rotation-with-0xB2-seeds", 96, 5, 4, 32, 1, 32, tag=TAG)
 
 
 def outlier_cases(files: dict[str, bytes]) -> None:

@@ -103,8 +103,13 @@ inline float block_scale(float scale0, uint32_t rho) {
 inline std::string invalid_reason(int64_t K, int64_t N, int64_t bs, int64_t bits, float scale0,
                                   const int64_t* seeds, int64_t n_seeds, const uint8_t* codes,
                                   int64_t n_code_bytes, const float* center = nullptr, int64_t n_center = 0,
-                                  const uint8_t* outliers = nullptr, int64_t n_outlier_bytes = 0) {
+                                  const uint8_t* outliers = nullptr, int64_t n_outlier_bytes = 0,
+                                  int64_t rotation = 0) {
   if (!shape_ok(K, N, bs, bits, scale0)) return "shape/attributes out of range";
+  // §5.3: no rotation, or a power of two in [2, 4096] dividing K; the seeds' tag says which.
+  if (rotation != 0 && !(rotation >= 2 && rotation <= 4096 && (rotation & (rotation - 1)) == 0 && K % rotation == 0))
+    return "rotation";
+  const uint32_t tag = rotation != 0 ? 0xB3 : 0xB2;
   const int64_t nb = (K + bs - 1) / bs;
   if (n_seeds != N * nb || seeds == nullptr) return "seed count";
   if (n_code_bytes != N * nb * bs * bits / 8 || codes == nullptr) return "code length";
@@ -115,7 +120,7 @@ inline std::string invalid_reason(int64_t K, int64_t N, int64_t bs, int64_t bits
   }
   for (int64_t i = 0; i < n_seeds; ++i) {
     const Seed f = seed_fields(static_cast<uint64_t>(seeds[i]));
-    if (f.tag != 0xB2) return "tag";
+    if (f.tag != tag) return "tag";
     if (f.width != static_cast<uint32_t>(bits)) return "width";
     if (f.outliers != 0 && outliers == nullptr) return "outlier count without an outliers input";
     if (f.outliers > static_cast<uint64_t>(bs)) return "outlier count above block_size";
@@ -271,13 +276,15 @@ inline Product reference_gemm(int64_t K, int64_t N, int64_t bs, int bits, float 
 // disagreement. A float kernel that sums K products in float (any order, any blocking) stays within
 // (K + nb + 64)·eps·mag; subnormal intermediates add at most a few FLT_MIN per term. Rows of A holding
 // NaN/Inf must give non-finite outputs, every other output must be finite unless mag overflows float or
-// the column has block scales near FLT_MAX.
+// the column has block scales near FLT_MAX. With `other` (another kernel's result for the same product)
+// y is held to that instead of the reference's value, within twice the bound: both are within it of the
+// exact result of the same float inputs.
 inline std::string check_against(const Product& ref, const float* y, int64_t M, int64_t N, int64_t K,
-                                 int64_t nb, const char* what) {
-  const double terms = static_cast<double>(K + nb + 64);
+                                 int64_t nb, const char* what, const float* other = nullptr) {
+  const double terms = static_cast<double>(K + nb + 64) * (other ? 2.0 : 1.0);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
-      const double got = y[m * N + n], want = ref.y[m * N + n], mag = ref.mag[m * N + n];
+      const double got = y[m * N + n], want = other ? other[m * N + n] : ref.y[m * N + n], mag = ref.mag[m * N + n];
       const double extra = ref.extra_terms.empty() ? 0.0 : ref.extra_terms[static_cast<size_t>(n)];
       std::ostringstream msg;
       msg << what << ": Y[" << m << ", " << n << "] = " << got << ", reference " << want << " (mag " << mag
