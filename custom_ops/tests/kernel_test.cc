@@ -24,7 +24,7 @@
 
 #include "rbe/format.h"
 #include "rbe/kernels.h"
-#include "reference.h"  // rbe_ref::rotate_rows (§5.3 from its definition), rbe_ref::with_tag
+#include "reference.h"  // rbe_ref::rotate_rows (§5.3 in double), rbe_ref::with_tag
 
 namespace {
 
