@@ -73,22 +73,25 @@ def calibration_batches(model_dir: Path, tokens: int, batch: int = 4,
     return batches
 
 
-def token_counts(model_dir: Path, split: str = CALIBRATION_SPLIT) -> np.ndarray:
+def token_counts(model_dir: Path, split: str = CALIBRATION_SPLIT, skip_tokens: int = 0) -> np.ndarray:
     """How often each vocabulary entry occurs in WikiText-2 valid, tokenized whole, [vocab size] int64: GPT-2
-    as running text, BERT as the paragraphs calibration_batches feeds (with [CLS]/[SEP], not truncated)."""
+    as running text, BERT as the paragraphs calibration_batches feeds (with [CLS]/[SEP], not truncated).
+
+    skip_tokens: leave out the text that calibration_batches(model_dir, skip_tokens) reads (its whole windows
+    or paragraphs), so that text stays unseen by the counts."""
     _check_split(split)
     from .datasets import wikitext2_paragraphs, wikitext2_text
 
     info = _export_info(model_dir)
+    skipped = [f["input_ids"] for f, _ in calibration_batches(model_dir, skip_tokens)] if skip_tokens else []
     tok = _tokenizer(model_dir)
     tok.no_truncation()
     tok.no_padding()
     counts = np.zeros(tok.get_vocab_size(), dtype=np.int64)
-    if info["model_type"] == "gpt2":
-        np.add.at(counts, tok.encode(wikitext2_text(split)).ids, 1)
+    if info["model_type"] == "gpt2":  # the skipped windows are the text's first tokens, unpadded
+        np.add.at(counts, tok.encode(wikitext2_text(split)).ids[sum(x.size for x in skipped):], 1)
         return counts
-    rows = wikitext2_paragraphs(split)
-    for enc in tok.encode_batch(rows):
+    for enc in tok.encode_batch(wikitext2_paragraphs(split)[sum(len(x) for x in skipped):]):  # a row a paragraph
         np.add.at(counts, enc.ids, 1)
     return counts
 
