@@ -73,17 +73,17 @@ def calibration_batches(model_dir: Path, tokens: int, batch: int = 4,
     return batches
 
 
-def token_counts(model_dir: Path, split: str = CALIBRATION_SPLIT, skip_tokens: int = 0) -> np.ndarray:
+def token_counts(model_dir: Path, split: str = CALIBRATION_SPLIT, skip: list | None = None) -> np.ndarray:
     """How often each vocabulary entry occurs in WikiText-2 valid, tokenized whole, [vocab size] int64: GPT-2
     as running text, BERT as the paragraphs calibration_batches feeds (with [CLS]/[SEP], not truncated).
 
-    skip_tokens: leave out the text that calibration_batches(model_dir, skip_tokens) reads (its whole windows
-    or paragraphs), so that text stays unseen by the counts."""
+    skip: calibration_batches(model_dir, ...) whose text (their whole windows or paragraphs, which are the
+    split's first) the counts leave out, so that text stays unseen by them."""
     _check_split(split)
     from .datasets import wikitext2_paragraphs, wikitext2_text
 
     info = _export_info(model_dir)
-    skipped = [f["input_ids"] for f, _ in calibration_batches(model_dir, skip_tokens)] if skip_tokens else []
+    skipped = [f["input_ids"] for f, _ in skip or []]
     tok = _tokenizer(model_dir)
     tok.no_truncation()
     tok.no_padding()

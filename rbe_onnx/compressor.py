@@ -147,8 +147,13 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
     if target_bpw is not None and calibration_dir is None:
         raise ValueError("--target-bpw measures each weight's sensitivity on calibration data: it needs "
                          "--calibrate (a model exported by `rbe-onnx export`)")
-    is_lm = bool(model.graph.output) and model.graph.output[0].name == "logits"
-    sensitivity_tokens = SENSITIVITY_TOKENS if is_lm else ENCODER_SENSITIVITY_TOKENS
+    batches = []  # --target-bpw's sensitivity text
+    if target_bpw is not None:
+        from .calibration import calibration_batches
+
+        is_lm = bool(model.graph.output) and model.graph.output[0].name == "logits"
+        batches = calibration_batches(Path(calibration_dir),
+                                      tokens=SENSITIVITY_TOKENS if is_lm else ENCODER_SENSITIVITY_TOKENS)
     splits = []
     if target_bpw is not None and embeddings and split_vocab:
         # Frequent and rare rows of a token table in two tables, so the budget can code them differently.
@@ -159,8 +164,7 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
         # rows as often as unseen text does. Counted with it, it had 94.7 % of its tokens in the frequent rows,
         # where WikiText-2 test paragraphs have 88.7 %, and the allocation left MiniLM's rare rows at 2 bits
         # even at 4.5 bits/weight (BENCHMARKS.md, session 12).
-        splits = split_vocab_tables(model, token_counts(Path(calibration_dir), skip_tokens=sensitivity_tokens),
-                                    exclude=exclude)
+        splits = split_vocab_tables(model, token_counts(Path(calibration_dir), skip=batches), exclude=exclude)
     candidates = find_candidates(model, exclude, embeddings=embeddings)
     eligible = [c for c in candidates if c.eligible]
     if not [c for c in eligible if c.node.op_type != "Gather"]:
@@ -189,9 +193,7 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
     center_fits: list[dict[int, tuple] | None] = [None] * len(groups)
     if target_bpw is not None:
         from .allocation import plan_settings
-        from .calibration import calibration_batches
 
-        batches = calibration_batches(Path(calibration_dir), tokens=sensitivity_tokens)
         split_mask_bits = 8 * sum(s.rows for s in splits)  # one byte per row of a split table, in the budget
         code_bpw = target_bpw - BITS_PER_OUTLIER * outlier_fraction - split_mask_bits / sum(
             c.shape[0] * c.shape[1] for c in (g[0] for g in groups))

@@ -107,19 +107,20 @@ def test_frequent_rows_are_chosen_without_the_sensitivity_text(tiny_bert_onnx_di
     from rbe_onnx.compressor import ENCODER_SENSITIVITY_TOKENS, SENSITIVITY_TOKENS
     from rbe_onnx.evaluate import wikitext_test_paragraphs
 
-    sensitivity = np.concatenate([f["input_ids"][real] for f, real in
-                                  calibration_batches(tiny_bert_onnx_dir, ENCODER_SENSITIVITY_TOKENS)])
+    probe_text = calibration_batches(tiny_bert_onnx_dir, ENCODER_SENSITIVITY_TOKENS)
+    sensitivity = np.concatenate([f["input_ids"][real] for f, real in probe_text])
     test = wikitext_test_paragraphs(str(tiny_bert_onnx_dir / "tokenizer.json"), 500)
     unseen = test["input_ids"][test["attention_mask"] == 1]
-    share = {skip: hot_rows(token_counts(tiny_bert_onnx_dir, skip_tokens=skip))[sensitivity].mean()
-             for skip in (0, ENCODER_SENSITIVITY_TOKENS)}
-    on_test = hot_rows(token_counts(tiny_bert_onnx_dir, skip_tokens=ENCODER_SENSITIVITY_TOKENS))[unseen].mean()
-    print(f"tokens in the frequent rows: sensitivity text counted {share[0]:.4f}, held out "
-          f"{share[ENCODER_SENSITIVITY_TOKENS]:.4f}; test paragraphs {on_test:.4f}")
-    assert abs(share[ENCODER_SENSITIVITY_TOKENS] - on_test) < 0.03 < share[0] - on_test
+    counted, held_out = (hot_rows(token_counts(tiny_bert_onnx_dir, skip=skip)) for skip in (None, probe_text))
+    share = {"counted": counted[sensitivity].mean(), "held out": held_out[sensitivity].mean()}
+    on_test = held_out[unseen].mean()
+    print(f"tokens in the frequent rows: sensitivity text counted {share['counted']:.4f}, held out "
+          f"{share['held out']:.4f}; test paragraphs {on_test:.4f}")
+    assert abs(share["held out"] - on_test) < 0.03 < share["counted"] - on_test
     # GPT-2 counts running text: the skipped text is the sensitivity probe's whole windows
-    whole, rest = (token_counts(ref_gpt2_onnx_dir, skip_tokens=s) for s in (0, SENSITIVITY_TOKENS))
-    windows = sum(f["input_ids"].size for f, _ in calibration_batches(ref_gpt2_onnx_dir, SENSITIVITY_TOKENS))
+    gpt2_probe = calibration_batches(ref_gpt2_onnx_dir, SENSITIVITY_TOKENS)
+    whole, rest = (token_counts(ref_gpt2_onnx_dir, skip=s) for s in (None, gpt2_probe))
+    windows = sum(f["input_ids"].size for f, _ in gpt2_probe)
     assert windows >= SENSITIVITY_TOKENS and whole.sum() - rest.sum() == windows and np.all(rest <= whole)
 
 
@@ -128,7 +129,7 @@ def test_target_bpw_codes_the_frequent_rows_apart(tiny_bert_onnx_dir, tmp_path):
     counted, the budget holds and the rewritten model runs (and distils, through the reassembled table). The
     tiny model's width of 64 pads every block of 128, hence a budget of 6 bits/weight."""
     from rbe_onnx import rewrite
-    from rbe_onnx.calibration import token_counts
+    from rbe_onnx.calibration import calibration_batches, token_counts
     from rbe_onnx.compressor import ENCODER_SENSITIVITY_TOKENS, totals
     from rbe_onnx.runtime import make_session
 
@@ -141,8 +142,8 @@ def test_target_bpw_codes_the_frequent_rows_apart(tiny_bert_onnx_dir, tmp_path):
     (split,) = recorded_splits(model)
     mask = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == split.mask),
                                  base_dir=str(out.parent)).astype(bool)
-    np.testing.assert_array_equal(mask, hot_rows(token_counts(tiny_bert_onnx_dir,
-                                                              skip_tokens=ENCODER_SENSITIVITY_TOKENS)))
+    probe_text = calibration_batches(tiny_bert_onnx_dir, ENCODER_SENSITIVITY_TOKENS)
+    np.testing.assert_array_equal(mask, hot_rows(token_counts(tiny_bert_onnx_dir, skip=probe_text)))
     K, n_cold = (int(x) for x in cold.shape.split(" x "))
     assert n_cold == split.rows - split.hot_rows
     # the cold row carries the codes, seeds and the one-byte-per-row mask

@@ -18,9 +18,9 @@ import json
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -154,14 +154,14 @@ def read_bandwidth(session) -> float:
 SHAPES_REPORTED = [(768, 3072), (3072, 768), (768, 50257)]
 
 
-def kernel_bandwidth(probes: dict, bandwidth: dict[int, float], threads: int, rounds: int) -> list[dict]:
+def kernel_bandwidth(sample_bandwidth: Callable[[], None], threads: int, rounds: int) -> list[dict]:
     """The decode step's GEMVs alone (M = 1, the 49 matrices of GPT-2 small in graph order, every weight
     distinct so each is streamed from memory as in the model): ms per step and GB/s of compressed weight
     (codes + seeds) for the whole step and for each of SHAPES_REPORTED (all its instances in the step),
     medians over interleaved repetitions, each GEMV timed inside the binding (activation quantization, thread
-    hand-off and kernel; Python's few microseconds per call left out). Also raises `bandwidth` (GB/s by thread
-    count) to the best of read-probe samples taken between those repetitions: the machine's bandwidth drifts
-    within minutes, and a share of it means most when both are read together."""
+    hand-off and kernel; Python's few microseconds per call left out). Calls `sample_bandwidth` (a read-probe
+    sample) between those repetitions: the machine's bandwidth drifts within minutes, and a share of it means
+    most when both are read together."""
     from rbe_onnx import _kernels
     from rbe_onnx.codec.seed import pack_seeds
 
@@ -186,8 +186,7 @@ def kernel_bandwidth(probes: dict, bandwidth: dict[int, float], threads: int, ro
     runs = [(c, t) for c in configs for t in sorted({1, threads})]
     times: dict = {r: [] for r in runs}
     for _ in range(max(10, 5 * rounds)):
-        for t in bandwidth:
-            bandwidth[t] = max(bandwidth[t], read_bandwidth(probes[t]))
+        sample_bandwidth()
         for (bits, block, level), nthreads in runs:
             ws, _ = sets[bits, block]
             times[(bits, block, level), nthreads].append(
@@ -249,7 +248,7 @@ def main() -> None:
             sample_bandwidth()
     med = {n: {k: float(np.median([r[k] for r in rs])) for k in rs[0]} for n, rs in results.items()}
     anchor = med[NBITS]
-    kernels = kernel_bandwidth(probes, bandwidth, args.threads, args.rounds)
+    kernels = kernel_bandwidth(sample_bandwidth, args.threads, args.rounds)
     cmd = f"python tools/bench.py --tokens {args.tokens} --threads {args.threads} --rounds {args.rounds}"
     if args.only:
         cmd += f" --only '{args.only}'"
