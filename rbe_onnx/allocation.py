@@ -5,8 +5,8 @@ Each weight's effect on the model output is measured once, end to end, on WikiTe
 like round-to-nearest error (uniform within each block's quantization step, at PROBE) is put into that weight
 alone and the output distortion against the fp32 model is recorded (next-token KL for a model with `logits`,
 1 − cosine of the mean-pooled first output otherwise: OutputDistortion). How the error grows or shrinks with
-each (bits, block_size) of LADDER is measured on a sample of the weight's columns with the real encoder; the predicted
-distortion of a setting is the probe's, scaled by that error ratio (first-order: small errors add up
+each (bits, block_size) of LADDER is measured on a sample of the weight's columns with the real encoder; the
+predicted distortion of a setting is the probe's, scaled by that error ratio (first-order: small errors add up
 independently across weights and grow with their energy). A greedy knapsack then upgrades the weights with the
 best distortion saved per byte until the budget is spent.
 """
