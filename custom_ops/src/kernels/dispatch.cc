@@ -291,9 +291,9 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
     for_rows(M * s.K, [&](size_t m) { rotate_one(w, A + m * s.K, a_rot.data() + m * s.K); });
     A = a_rot.data();
   }
-  std::vector<float> a_pad, a_sums, a_scale, a_qsum_scaled, a_qsum_scaled_lane;
+  std::vector<float> a_pad, a_sums, a_scale, a_qsum_scaled;
   std::vector<int8_t> a_q;
-  std::vector<int32_t> a_qsum, a_qsum_init, a_qsum_init_lane;
+  std::vector<int32_t> a_qsum, a_qsum_init, a_qsum_init_lane, a_qsum_init_wide;
   GemmProblem p{&w, nullptr, nullptr, M, bias, Y, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
   if (accuracy_level == kAccuracyInt8) {
     a_q.resize(static_cast<size_t>(M * Kp));
@@ -301,19 +301,20 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
     a_qsum.resize(static_cast<size_t>(M * nb));
     a_qsum_scaled.resize(static_cast<size_t>(M * nb));
     a_qsum_init.resize(static_cast<size_t>(M * nb));
-    a_qsum_scaled_lane.resize(static_cast<size_t>(M * nb));
     a_qsum_init_lane.resize(static_cast<size_t>(M * nb * kGemvLanes));
+    a_qsum_init_wide.resize(static_cast<size_t>(M * nb * kWideLanes));
     auto quantize = [&](size_t m) {
       quantize_row_int8(A + m * s.K, s.K, s.block_size, a_q.data() + m * Kp, a_scale.data() + m * nb,
                         a_qsum.data() + m * nb);
       for (int64_t b = 0; b < nb; ++b) {
         a_qsum_scaled[m * nb + b] = a_scale[m * nb + b] * static_cast<float>(a_qsum[m * nb + b]);
         a_qsum_init[m * nb + b] = -128 * a_qsum[m * nb + b];
-        a_qsum_scaled_lane[m * nb + b] = a_qsum_scaled[m * nb + b] * 0.125f;
         int32_t* lanes = a_qsum_init_lane.data() + (m * nb + b) * kGemvLanes;
-        std::fill(lanes, lanes + kGemvLanes, 0);
+        int32_t* wide = a_qsum_init_wide.data() + (m * nb + b) * kWideLanes;
+        std::fill(wide, wide + kWideLanes, 0);
         const int8_t* qb = a_q.data() + m * Kp + b * s.block_size;
-        for (int64_t k = 0; k < s.block_size; ++k) lanes[k % 32 / 4] -= 128 * qb[k];
+        for (int64_t k = 0; k < s.block_size; ++k) wide[k % 64 / 4] -= 128 * qb[k];
+        for (int64_t j = 0; j < kGemvLanes; ++j) lanes[j] = wide[j] + wide[j + kGemvLanes];
       }
     };
     for_rows(M * Kp, quantize);
@@ -322,8 +323,8 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
     p.a_qsum = a_qsum.data();
     p.a_qsum_scaled = a_qsum_scaled.data();
     p.a_qsum_init = a_qsum_init.data();
-    p.a_qsum_scaled_lane = a_qsum_scaled_lane.data();
     p.a_qsum_init_lane = a_qsum_init_lane.data();
+    p.a_qsum_init_wide = a_qsum_init_wide.data();
   } else {
     a_pad.assign(static_cast<size_t>(M * Kp), 0.f);
     a_sums.resize(static_cast<size_t>(M * nb));

@@ -8,7 +8,8 @@
 // 6-row x 16-column FMA micro-kernel, so each weight is decoded once per tile, not once per row.
 // Int8 path (accuracy_level 4, activations quantized by the dispatcher): gemm_avx2_int8.inc, compiled three
 // times: on AVX2 (pmaddubsw with the sign trick), for AVX-VNNI (vpdpbusd) and for AVX-512 VL/VNNI/VBMI
-// (vpdpbusd, and vpermb / vpternlogd in the GEMV's decoding; still 256-bit registers).
+// (vpdpbusd, and vpermb / vpternlogd in the GEMV's decoding; the GEMV on 512-bit registers where the code
+// layout allows, the prefill tiles on 256-bit ones).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -150,7 +151,8 @@ inline __m256i block_lut(const PreparedWeight& w, int64_t blk) {
 
 // Σ_b e_b·t_b over a column's nb blocks (e: the column's d·o; t: one row's per-block activation sums),
 // eight blocks per step: two vector operations per eight blocks instead of a scalar chain per block.
-inline float offset_term(const float* e, const float* t, int64_t nb) {
+// offset_lanes leaves the eight partial sums in a vector, for a caller whose accumulator is summed anyway.
+inline __m256 offset_lanes(const float* e, const float* t, int64_t nb) {
   __m256 acc = _mm256_setzero_ps();
   int64_t b = 0;
   for (; b + 8 <= nb; b += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(e + b), _mm256_loadu_ps(t + b), acc);
@@ -159,8 +161,10 @@ inline float offset_term(const float* e, const float* t, int64_t nb) {
                                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     acc = _mm256_fmadd_ps(_mm256_maskload_ps(e + b, mask), _mm256_maskload_ps(t + b, mask), acc);
   }
-  return hsum(acc);
+  return acc;
 }
+
+inline float offset_term(const float* e, const float* t, int64_t nb) { return hsum(offset_lanes(e, t, nb)); }
 
 // How far ahead of the codes being read the GEMVs prefetch. Measured on the GPT-2-small decode set, int8
 // path, one thread: 768 B (the old "two columns ahead" at K = 768) 10.6 GB/s, 1 KiB 12.8, 2 KiB 14.4,
@@ -434,7 +438,7 @@ void run_float(const GemmProblem& p, int64_t n0, int64_t n1) {
   }
 }
 
-// The int8 path three times: plain AVX2; with AVX-VNNI; with AVX-512 VL/VNNI/VBMI on 256-bit registers.
+// The int8 path three times: plain AVX2; with AVX-VNNI; with AVX-512 F/BW/VL/VNNI/VBMI.
 // Function attributes, not file flags, so the rest of this file runs on any AVX2 CPU.
 #define RBE_I8_NS i8_avx2
 #define RBE_I8_VNNI 0

@@ -15,8 +15,10 @@ namespace rbe {
 template <int BITS>
 constexpr int chunk_of(int64_t block_size) { return BITS == 3 ? chunk_3bit(block_size) : kGroup; }
 
-// int32 lanes of the x86 int8 GEMV's accumulators (one 256-bit register).
+// int32 lanes of the x86 int8 GEMV's accumulators: one 256-bit register, or one 512-bit register in the
+// AVX-512 GEMV's wide form.
 constexpr int64_t kGemvLanes = 8;
+constexpr int64_t kWideLanes = 16;
 
 struct GemmProblem {
   const PreparedWeight* w;
@@ -32,13 +34,13 @@ struct GemmProblem {
   const float* a_qsum_scaled; // M x nb: s · Σ q (float), for the offset term d·o·s·Σq
   const int32_t* a_qsum_init; // M x nb: -128 · Σ q, where a VNNI accumulator of Σ (L + 128)·q starts
   // For the GEMV, whose 8 int32 lanes each sum 4 of every 32 consecutive k (lane j: k mod 32 in [4j, 4j+4)).
-  // The offset term is spread evenly (Σq·s/8, a power-of-two scaling, exact), a broadcast load per block. The
-  // start is each lane's own -128·Σq over its k, a vector load per block: then every lane ends at its exact
-  // Σ L·q. An even split (-16·Σq each) ends with the same total, but the lanes then hold partial sums up to
-  // 128/|L| times larger that cancel only after each was rounded in float (the fuzzer found an all-zero
+  // The start is each lane's own -128·Σq over its k, a vector load per block: then every lane ends at its
+  // exact Σ L·q. An even split (-16·Σq each) ends with the same total, but the lanes then hold partial sums up
+  // to 128/|L| times larger that cancel only after each was rounded in float (the fuzzer found an all-zero
   // column giving -7.5e-9).
-  const float* a_qsum_scaled_lane;  // M x nb: s · Σ q / 8
   const int32_t* a_qsum_init_lane;  // M x nb x 8: -128 · Σ q over lane j's k of the block
+  // The same for the wide GEMV's 16 lanes (lane j: k mod 64 in [4j, 4j+4)).
+  const int32_t* a_qsum_init_wide;  // M x nb x 16
 };
 
 // Each kernel computes columns [n0, n1) of Y for all M rows, on the float path or, when p.a_q is set, the
