@@ -13,8 +13,8 @@ namespace rbe {
 
 // Avx2Vnni: the AVX2/FMA kernels, with the int8 path (accuracy_level 4) on VPDPBUSD (AVX-VNNI, VEX
 // encoded, 256-bit; no AVX-512 needed). Its float path is the Avx2 one.
-// Avx512: Avx2Vnni's kernels on 256-bit registers with AVX-512 F/BW/VL/VNNI/VBMI instructions where they
-// shorten the int8 GEMV (vpermb lookups, vpternlogd merges); everything else as Avx2Vnni.
+// Avx512: Avx2Vnni's kernels with AVX-512 F/BW/VL/VNNI/VBMI instructions where they shorten the int8 GEMV
+// (vpermb lookups, vpternlogd merges, 512-bit registers for whole 64-code steps); everything else as Avx2Vnni.
 enum class Isa { Scalar, Avx2, Neon, Avx2Vnni, Avx512 };
 
 bool isa_available(Isa isa);

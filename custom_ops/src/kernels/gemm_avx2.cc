@@ -7,7 +7,7 @@
 // M > 1 (prefill): a tile of 16 columns is decoded into a cache-resident [K][16] float buffer that feeds a
 // 6-row x 16-column FMA micro-kernel, so each weight is decoded once per tile, not once per row.
 // Int8 path (accuracy_level 4, activations quantized by the dispatcher): gemm_avx2_int8.inc, compiled three
-// times: on AVX2 (pmaddubsw with the sign trick), for AVX-VNNI (vpdpbusd) and for AVX-512 VL/VNNI/VBMI
+// times: on AVX2 (pmaddubsw with the sign trick), for AVX-VNNI (vpdpbusd) and for AVX-512 F/BW/VL/VNNI/VBMI
 // (vpdpbusd, and vpermb / vpternlogd in the GEMV's decoding; the GEMV on 512-bit registers where the code
 // layout allows, the prefill tiles on 256-bit ones).
 #include <immintrin.h>
