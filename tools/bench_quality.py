@@ -1,9 +1,13 @@
 """Quality vs size: ref-gpt2 (WikiText-2 test PPL, KL and top-1 vs fp32) and MiniLM (mean-pooled cosine vs
 fp32 on WikiText-2 test paragraphs) for RBE settings and ORT MatMulNBits RTN 4-bit (block 32 and 128, Gemm
-converted to MatMul+Add so it covers every layer; its embeddings stay fp32), all in one run. Writes the
-"Quality" section of BENCHMARKS.md and docs/quality.png.
+converted to MatMul+Add so it covers every layer; its embeddings stay fp32), each model's rows in one run.
+Writes the "Quality" section of BENCHMARKS.md and docs/quality.png (ref-gpt2 only).
 
-    python tools/bench_quality.py [--work DIR] [--windows 64] [--sentences 500]
+    python tools/bench_quality.py [--work DIR] [--windows 64] [--sentences 500] [--models gpt2,minilm]
+
+Each model's table carries the command that made it, so `--models minilm` rewrites only MiniLM's (the whole
+set takes hours on 2 cores). Rewritten models are kept in --work and reused by a later run with the same
+directory: delete it after changing the encoder.
 
 Bits/weight: RBE counts codes + seeds + scale0 over every compressed tensor, embeddings included; MatMulNBits
 counts codes + fp32 scales + 4-bit zero points over its MatMul weights (the fp32 embeddings it leaves are
@@ -21,6 +25,11 @@ from rbe_onnx.anchors import matmulnbits_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
+MODELS = ("gpt2", "minilm")
+
+
+def block_markers(model: str) -> tuple[str, str]:
+    return f"<!-- quality-{model}:begin -->", f"<!-- quality-{model}:end -->"
 
 
 class Setting(NamedTuple):
@@ -155,10 +164,10 @@ def plot(gpt2: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_section(gpt2: list[dict], minilm: list[dict], command: str) -> None:
+def gpt2_table(gpt2: list[dict], command: str) -> list[str]:
     fp32 = gpt2[0]["ppl"]
     anchor_kl = next(r["kl"] for r in gpt2 if r["model"] == "ORT MatMulNBits RTN 4b/32")
-    lines = [BEGIN, "## Quality", "", f"Command: `{command}`", "",
+    lines = [f"Command: `{command}`", "",
              f"ref-gpt2 on WikiText-2 test ({gpt2[0]['positions']} scored tokens, windows of 256, protocol in "
              "`rbe_onnx/evaluate.py`); calibration reads WikiText-2 valid only.", "",
              "| model | bits/weight | files MB | PPL | PPL / fp32 | KL vs fp32 | KL / MatMulNBits 4b/32 | top-1 vs fp32 |",
@@ -166,17 +175,33 @@ def write_section(gpt2: list[dict], minilm: list[dict], command: str) -> None:
     for r in gpt2:
         lines.append(f"| {r['model']} | {r['bpw']:.2f} | {r['MB']:.1f} | {r['ppl']:.2f} | {r['ppl'] / fp32:.4f} | "
                      f"{r.get('kl', 0.0):.5f} | {r.get('kl', 0.0) / anchor_kl:.3f} | {r.get('top1', 1.0):.4f} |")
-    lines += ["", f"MiniLM (all-MiniLM-L6-v2) mean-pooled embeddings vs fp32, {minilm[0]['sentences']} WikiText-2 "
-              "test paragraphs:", "", "| model | bits/weight | files MB | mean cosine | min cosine |",
-              "|---|---|---|---|---|"]
+    return lines + ["", "![PPL and KL vs bits/weight](docs/quality.png)"]
+
+
+def minilm_table(minilm: list[dict], command: str) -> list[str]:
+    lines = [f"Command: `{command}`", "",
+             f"MiniLM (all-MiniLM-L6-v2) mean-pooled embeddings vs fp32, {minilm[0]['sentences']} WikiText-2 "
+             "test paragraphs:", "", "| model | bits/weight | files MB | mean cosine | min cosine |",
+             "|---|---|---|---|---|"]
     for r in minilm:
         lines.append(f"| {r['model']} | {r['bpw']:.2f} | {r['MB']:.1f} | {r['cos_mean']:.5f} | {r['cos_min']:.5f} |")
-    lines += ["", "![PPL and KL vs bits/weight](docs/quality.png)", END]
+    return lines
+
+
+def write_tables(tables: dict[str, list[str]]) -> None:
+    """Put each model's table between its markers inside the Quality section, leaving the other's as it is."""
     path = ROOT / "BENCHMARKS.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = "\n".join(lines)
-    text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), section, text, flags=re.S) if BEGIN in text \
-        else text.rstrip() + "\n\n" + section + "\n"
+    if BEGIN not in text:
+        empty = [line for model in MODELS for line in (*block_markers(model), "")]
+        text = text.rstrip() + "\n\n" + "\n".join([BEGIN, "## Quality", "", *empty, END]) + "\n"
+    for model, lines in tables.items():
+        begin, end = block_markers(model)
+        if begin not in text:
+            raise SystemExit(f"BENCHMARKS.md has no {begin} ... {end} block for the {model} table; run with "
+                             "--models gpt2,minilm once, or add the markers inside the Quality section")
+        block = "\n".join([begin, *lines, end])
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     path.write_text(text)
 
 
@@ -185,13 +210,25 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "out" / "quality"))
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--sentences", type=int, default=500)
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: gpt2, minilm")
     args = ap.parse_args()
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown or not models:
+        ap.error(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(MODELS)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(args.work)
-    gpt2 = gpt2_rows(work, args.windows)
-    minilm = minilm_rows(work, args.sentences)
-    plot(gpt2, ROOT / "docs" / "quality.png")
-    write_section(gpt2, minilm, f"python tools/bench_quality.py --windows {args.windows} --sentences {args.sentences}")
+    command = f"python tools/bench_quality.py --windows {args.windows} --sentences {args.sentences}"
+    if models != list(MODELS):
+        command += f" --models {','.join(models)}"
+    tables = {}
+    if "gpt2" in models:
+        gpt2 = gpt2_rows(work, args.windows)
+        plot(gpt2, ROOT / "docs" / "quality.png")
+        tables["gpt2"] = gpt2_table(gpt2, command)
+    if "minilm" in models:
+        tables["minilm"] = minilm_table(minilm_rows(work, args.sentences), command)
+    write_tables(tables)
     print((ROOT / "BENCHMARKS.md").read_text())
 
 
