@@ -215,7 +215,7 @@ def main() -> None:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(models) - set(MODELS))
     if unknown or not models:
-        ap.error(f"--models: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(MODELS)}")
+        ap.error(f"--models: {'unknown ' + ', '.join(unknown) if unknown else 'none given'}; choose from gpt2, minilm")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(args.work)
     command = f"python tools/bench_quality.py --windows {args.windows} --sentences {args.sentences}"
