@@ -269,8 +269,10 @@ def main() -> None:
     lines += ["", "Where a decode token's time goes, by measurement: `outside` is the decode ms/token of the same "
               "graph with every weight product (RBEFusedGemm, MatMulNBits, MatMul/Gemm against a weight) replaced "
               "by a near-free stand-in, mean(A) + bias (`rbe_onnx.anchors.without_weight_products`), measured in "
-              "the same rounds; `products` is the rest. Their GB/s is the weights' bytes (bpw x "
-              f"{weights[NBITS] / 1e6:.1f} M weights) over that time, against the machine's read bandwidth, "
+              "the same rounds; `products` is the rest. The stand-in runs with warm caches, where in the real step "
+              "the weight stream evicts the rest's working set, so `products` here also carries that eviction's "
+              "cost (the next section times the RBE products inside the graph). Their GB/s is the weights' bytes "
+              f"(bpw x {weights[NBITS] / 1e6:.1f} M weights) over that time, against the machine's read bandwidth, "
               f"{bw:.1f} GB/s with {args.threads} threads (measured below).", "",
               "| model | decode ms/token | outside products | products | products GB/s (share of read) |",
               "|---|---|---|---|---|"]
@@ -344,14 +346,15 @@ def plot(med: dict[str, dict], kernels: list[dict], bandwidth: dict[int, float],
 BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replaces this tool's section of BENCHMARKS.md (between the speed markers), leaving the sections other
-    tools write (quality, generation, ...) as they are; a file without the markers gets the section first."""
-    block = f"{BEGIN}\n{text}{END}\n"
+def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replaces one tool's section of BENCHMARKS.md (between its markers, the speed ones by default), leaving the
+    sections other tools write (quality, generation, ...) as they are; a file without the markers gets the
+    section first."""
+    block = f"{begin}\n{text}{end}\n"
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        after = rest.split(END, 1)[1].lstrip("\n")
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        after = rest.split(end, 1)[1].lstrip("\n")
         new = head + block + ("\n" + after if after else "")
     else:
         head, _, rest = old.partition("\n")  # the title line
