@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,13 +35,18 @@ BEGIN, END = "<!-- breakdown:begin -->", "<!-- breakdown:end -->"
 
 def build_timing_library(build: Path) -> Path:
     """librbe_ops.so configured with RBE_OP_TIMING=ON in `build` (incremental after the first time)."""
-    include = subprocess.run(["bash", str(ROOT / "tools" / "fetch_ort_headers.sh")], capture_output=True, text=True,
-                             check=True).stdout.strip()
-    generator = ["-G", "Ninja"] if subprocess.run(["which", "ninja"], capture_output=True).returncode == 0 else []
-    subprocess.run(["cmake", "-S", str(ROOT / "custom_ops"), "-B", str(build), *generator,
-                    "-DCMAKE_BUILD_TYPE=Release", "-DRBE_BUILD_PYTHON=OFF", "-DRBE_OP_TIMING=ON",
-                    f"-DONNXRUNTIME_INCLUDE_DIR={include}"], check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(build), "--target", "rbe_ops"], check=True, capture_output=True)
+    def run(cmd: list[str]) -> str:
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd[:3])} ... failed ({out.returncode}):\n"
+                             f"{out.stdout[-2000:]}{out.stderr[-2000:]}")
+        return out.stdout
+
+    include = run(["bash", str(ROOT / "tools" / "fetch_ort_headers.sh")]).strip()
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    run(["cmake", "-S", str(ROOT / "custom_ops"), "-B", str(build), *generator, "-DCMAKE_BUILD_TYPE=Release",
+         "-DRBE_BUILD_PYTHON=OFF", "-DRBE_OP_TIMING=ON", f"-DONNXRUNTIME_INCLUDE_DIR={include}"])
+    run(["cmake", "--build", str(build), "--target", "rbe_ops"])
     return build / "librbe_ops.so"
 
 
@@ -144,6 +150,7 @@ def main() -> None:
     sessions = {name: session(path, True) for name, path in models.items()}
     anchor_session = session(anchor, False)
     probe = read_probe(work, [args.threads])[args.threads]
+    read_bandwidth(probe)  # the first pass maps the probe's 463 MB in
     bandwidth = 0.0
     rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name in models}
     anchor_ms = []
@@ -156,7 +163,7 @@ def main() -> None:
             skipped, _ = decode_steps(s, shape, prompt, args.tokens, timing)
             os.environ.pop("RBE_SKIP_PRODUCTS")
             rows[name].append((wall, inside, skipped))
-        # The best of a few samples a round: the first pass also maps the probe's weights in.
+        # The best of a few samples a round, as this VM's bandwidth drifts within minutes.
         bandwidth = max(bandwidth, *(read_bandwidth(probe) for _ in range(3)))
     anchor_med = float(np.median(anchor_ms))
     cmd = (f"python tools/decode_breakdown.py --models {args.models} --rounds {args.rounds} --tokens {args.tokens} "
