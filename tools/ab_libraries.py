@@ -37,6 +37,17 @@ def library_session(model: Path, library: str | None, threads: int):
     return ort.InferenceSession(str(model), sess_options=so, providers=["CPUExecutionProvider"])
 
 
+def bench_models(work: Path, names: str) -> tuple[dict[str, Path], Path]:
+    """tools/bench.py's int8 model of each comma-separated folder name in `work`, and its MatMulNBits model;
+    stops with the missing paths when bench.py has not built them there."""
+    models = {name: work / name / "model_acc4.onnx" for name in names.split(",")}
+    anchor = work / "nbits" / "model.onnx"
+    missing = [str(p) for p in [*models.values(), anchor, work / "fp32"] if not p.exists()]
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}: run `python tools/bench.py --work {work}` first")
+    return models, anchor
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("builds", nargs="+", metavar="LABEL=LIBRARY", help="at least two, the first is the baseline")
@@ -55,11 +66,7 @@ def main() -> None:
     if len(builds) < 2:
         ap.error("give at least two builds")
     work = Path(args.work)
-    models = {name: work / name / "model_acc4.onnx" for name in args.models.split(",")}
-    anchor = work / "nbits" / "model.onnx"
-    missing = [str(p) for p in [*models.values(), anchor, work / "fp32"] if not p.exists()]
-    if missing:
-        ap.error(f"missing {', '.join(missing)}: run `python tools/bench.py --work {work}` first")
+    models, anchor = bench_models(work, args.models)
 
     from rbe_onnx.runtime import Gpt2Shape, greedy_generate
 

@@ -28,6 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ab_libraries import bench_models, library_session  # noqa: E402
 from bench import read_bandwidth, read_probe, write_section  # noqa: E402
 
 BEGIN, END = "<!-- breakdown:begin -->", "<!-- breakdown:end -->"
@@ -120,35 +121,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
     args = ap.parse_args()
-    import onnxruntime as ort
-
-    from rbe_onnx.api import session_options
     from rbe_onnx.runtime import Gpt2Shape
 
     work = Path(args.work)
-    models = {name: work / name / "model_acc4.onnx" for name in args.models.split(",")}
-    anchor = work / "nbits" / "model.onnx"
-    missing = [str(p) for p in [*models.values(), anchor, work / "fp32"] if not p.exists()]
-    if missing:
-        raise SystemExit(f"missing {', '.join(missing)}: run tools/bench.py once to build the models in {work}")
+    models, anchor = bench_models(work, args.models)
     library = Path(args.library) if args.library else build_timing_library(ROOT / "build" / "op-timing")
     if not library.is_file():
         raise SystemExit(f"{library}: no such library")
     timing = OpTiming(library.resolve())
 
-    def session(path: Path, rbe: bool):
-        if rbe:  # the timing build, not the installed library
-            so = ort.SessionOptions()
-            so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
-            so.register_custom_ops_library(str(library.resolve()))
-        else:
-            so = session_options(args.threads)
-        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-
     shape = Gpt2Shape.from_dir(work / "fp32")
     prompt = np.random.default_rng(0).integers(0, shape.vocab_size, 32).tolist()
-    sessions = {name: session(path, True) for name, path in models.items()}
-    anchor_session = session(anchor, False)
+    # the timing build, not the installed library, for the RBE models
+    sessions = {name: library_session(path, str(library.resolve()), args.threads) for name, path in models.items()}
+    anchor_session = library_session(anchor, None, args.threads)
     probe = read_probe(work, [args.threads])[args.threads]
     read_bandwidth(probe)  # the first pass maps the probe's 463 MB in
     bandwidth = 0.0
