@@ -24,7 +24,10 @@ from typing import Callable
 
 import numpy as np
 
+from benchmarks_md import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"  # its section of BENCHMARKS.md
 
 PROBE = r"""
 import json, sys, time, numpy as np, psutil
@@ -304,7 +307,7 @@ def main() -> None:
     lines += ["", f"![decode ms/token and kernel GB/s](docs/{chart.name})"]
     text = "\n".join(lines) + "\n"
     if not args.no_write:
-        write_section(ROOT / "BENCHMARKS.md", text)
+        write_section(ROOT / "BENCHMARKS.md", text, BEGIN, END)
         plot(med, kernels, bandwidth, args.threads, chart)
     print(text)
 
@@ -341,25 +344,6 @@ def plot(med: dict[str, dict], kernels: list[dict], bandwidth: dict[int, float],
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
-
-
-def write_section(path: Path, text: str, begin: str = BEGIN, end: str = END) -> None:
-    """Replaces one tool's section of BENCHMARKS.md (between its markers, the speed ones by default), leaving the
-    sections other tools write (quality, generation, ...) as they are; a file without the markers gets the
-    section first."""
-    block = f"{begin}\n{text}{end}\n"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if begin in old and end in old:
-        head, rest = old.split(begin, 1)
-        after = rest.split(end, 1)[1].lstrip("\n")
-        new = head + block + ("\n" + after if after else "")
-    else:
-        head, _, rest = old.partition("\n")  # the title line
-        new = f"{head}\n\n{block}\n{rest.lstrip()}" if rest.strip() else f"{head}\n\n{block}"
-    path.write_text(new)
 
 
 if __name__ == "__main__":

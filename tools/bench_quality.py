@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 from typing import NamedTuple
 
+from benchmarks_md import replace_section
 from rbe_onnx.anchors import matmulnbits_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,11 +197,11 @@ def write_tables(tables: dict[str, list[str]]) -> None:
         text = text.rstrip() + "\n\n" + "\n".join([BEGIN, "## Quality", "", *empty, END]) + "\n"
     for model, lines in tables.items():
         begin, end = block_markers(model)
-        if begin not in text:
+        replaced = replace_section(text, begin, end, "\n".join(lines))
+        if replaced is None:
             raise SystemExit(f"BENCHMARKS.md has no {begin} ... {end} block for the {model} table; run with "
                              "--models gpt2,minilm once, or add the markers inside the Quality section")
-        block = "\n".join([begin, *lines, end])
-        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+        text = replaced
     path.write_text(text)
 
 

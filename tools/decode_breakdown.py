@@ -29,7 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ab_libraries import bench_models, library_session  # noqa: E402
-from bench import read_bandwidth, read_probe, write_section  # noqa: E402
+from bench import read_bandwidth, read_probe  # noqa: E402
+from benchmarks_md import write_section  # noqa: E402
 
 BEGIN, END = "<!-- breakdown:begin -->", "<!-- breakdown:end -->"
 

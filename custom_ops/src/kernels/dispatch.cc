@@ -301,16 +301,19 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
     a_qsum.resize(static_cast<size_t>(M * nb));
     a_qsum_scaled.resize(static_cast<size_t>(M * nb));
     a_qsum_init.resize(static_cast<size_t>(M * nb));
-    a_qsum_init_lane.resize(static_cast<size_t>(M * nb * kGemvLanes));
-    a_qsum_init_wide.resize(static_cast<size_t>(M * nb * kWideLanes));
+    // The GEMV's per-lane starts (GemmProblem) are read by the x86 VNNI GEMVs alone, the wide ones by
+    // AVX-512's alone: a prefill or another ISA skips them.
+    const bool gemv_lanes = M <= kMaxGemvRows && (isa == Isa::Avx2Vnni || isa == Isa::Avx512);
+    const bool wide_lanes = gemv_lanes && isa == Isa::Avx512;
+    if (gemv_lanes) a_qsum_init_lane.resize(static_cast<size_t>(M * nb * kGemvLanes));
+    if (wide_lanes) a_qsum_init_wide.resize(static_cast<size_t>(M * nb * kWideLanes));
     auto quantize = [&](size_t m) {
       quantize_row_int8(A + m * s.K, s.K, s.block_size, a_q.data() + m * Kp, a_scale.data() + m * nb,
                         a_qsum.data() + m * nb);
       for (int64_t b = 0; b < nb; ++b) {
         a_qsum_scaled[m * nb + b] = a_scale[m * nb + b] * static_cast<float>(a_qsum[m * nb + b]);
         a_qsum_init[m * nb + b] = -128 * a_qsum[m * nb + b];
-        int32_t* lanes = a_qsum_init_lane.data() + (m * nb + b) * kGemvLanes;
-        int32_t* wide = a_qsum_init_wide.data() + (m * nb + b) * kWideLanes;
+        if (!gemv_lanes) continue;
         // Lane j holds the block's k with k mod 64 in [4j, 4j+4): the block's 64-code rows summed position by
         // position first, a loop the compiler vectorizes (a scalar k mod 64 scatter had cost ~0.5 µs a call).
         int32_t column[64] = {};
@@ -319,9 +322,12 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
           const int64_t width = std::min<int64_t>(64, s.block_size - k0);
           for (int64_t j = 0; j < width; ++j) column[j] += qb[k0 + j];
         }
+        int32_t wide[kWideLanes];
         for (int64_t j = 0; j < kWideLanes; ++j)
           wide[j] = -128 * (column[4 * j] + column[4 * j + 1] + column[4 * j + 2] + column[4 * j + 3]);
+        int32_t* lanes = a_qsum_init_lane.data() + (m * nb + b) * kGemvLanes;
         for (int64_t j = 0; j < kGemvLanes; ++j) lanes[j] = wide[j] + wide[j + kGemvLanes];
+        if (wide_lanes) std::copy(wide, wide + kWideLanes, a_qsum_init_wide.data() + (m * nb + b) * kWideLanes);
       }
     };
     for_rows(M * Kp, quantize);
@@ -330,8 +336,8 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
     p.a_qsum = a_qsum.data();
     p.a_qsum_scaled = a_qsum_scaled.data();
     p.a_qsum_init = a_qsum_init.data();
-    p.a_qsum_init_lane = a_qsum_init_lane.data();
-    p.a_qsum_init_wide = a_qsum_init_wide.data();
+    p.a_qsum_init_lane = gemv_lanes ? a_qsum_init_lane.data() : nullptr;
+    p.a_qsum_init_wide = wide_lanes ? a_qsum_init_wide.data() : nullptr;
   } else {
     a_pad.assign(static_cast<size_t>(M * Kp), 0.f);
     a_sums.resize(static_cast<size_t>(M * nb));
@@ -376,7 +382,7 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
     };
     for_rows(M * Kp, center_dots);
   }
-  // Column tasks, whole 16-column tiles. Decoding (M <= 4) streams the codes, and a task's codes are one
+  // Column tasks, whole 16-column tiles. Decoding (M <= kMaxGemvRows) streams the codes, and a task's codes are one
   // contiguous run (§4): a few long runs per thread keep the prefetchers ahead, where 64-column tasks
   // handed out in turn cut each thread's stream every 18 KB at 3 bits and K = 768. Measured on the
   // GPT-2-small decode set (3-bit/256 int8, weights cold, 2 threads, interleaved in one process): 64-column
@@ -384,7 +390,8 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
   // N/4. Hence two tasks per hardware thread, never under 64 columns. Prefill tiles are compute-bound and
   // balance best at 32 columns.
   constexpr int64_t kCenterSpan = 64;
-  const int64_t chunk = M <= 4 ? std::max<int64_t>(64, round_up(ceil_div(s.N, 2 * hardware_threads()), 16)) : 32;
+  const int64_t chunk =
+      M <= kMaxGemvRows ? std::max<int64_t>(64, round_up(ceil_div(s.N, 2 * hardware_threads()), 16)) : 32;
   const int64_t tasks = ceil_div(s.N, chunk);
   parallel_for(static_cast<size_t>(tasks), [&](size_t t) {
     const int64_t n0 = static_cast<int64_t>(t) * chunk, n1 = std::min(s.N, n0 + chunk);

@@ -404,10 +404,6 @@ void gemm_tiles(const GemmProblem& p, int64_t n0, int64_t n1) {
   }
 }
 
-// Up to this many rows the register GEMV wins: it decodes each weight once per call, the tile path
-// pays a tile decode plus stores; beyond it the micro-kernel's reuse of each decoded tile wins.
-constexpr int64_t kMaxGemvRows = 4;
-
 template <int BITS, int BS>
 void run_gemv(const GemmProblem& p, int64_t n0, int64_t n1) {
   switch (p.M) {

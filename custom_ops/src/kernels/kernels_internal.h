@@ -15,6 +15,10 @@ namespace rbe {
 template <int BITS>
 constexpr int chunk_of(int64_t block_size) { return BITS == 3 ? chunk_3bit(block_size) : kGroup; }
 
+// Up to this many rows the register GEMV wins: it decodes each weight once per call, where the tile path
+// pays a tile decode plus stores; beyond it the micro-kernel's reuse of each decoded tile wins (x86).
+constexpr int64_t kMaxGemvRows = 4;
+
 // int32 lanes of the x86 int8 GEMV's accumulators: one 256-bit register, or one 512-bit register in the
 // AVX-512 GEMV's wide form.
 constexpr int64_t kGemvLanes = 8;
@@ -38,9 +42,9 @@ struct GemmProblem {
   // exact Σ L·q. An even split (-16·Σq each) ends with the same total, but the lanes then hold partial sums up
   // to 128/|L| times larger that cancel only after each was rounded in float (the fuzzer found an all-zero
   // column giving -7.5e-9).
-  const int32_t* a_qsum_init_lane;  // M x nb x 8: -128 · Σ q over lane j's k of the block
+  const int32_t* a_qsum_init_lane;  // M x nb x 8: -128 · Σ q over lane j's k of the block (VNNI GEMV, else null)
   // The same for the wide GEMV's 16 lanes (lane j: k mod 64 in [4j, 4j+4)).
-  const int32_t* a_qsum_init_wide;  // M x nb x 16
+  const int32_t* a_qsum_init_wide;  // M x nb x 16 (AVX-512 GEMV, else null)
 };
 
 // Each kernel computes columns [n0, n1) of Y for all M rows, on the float path or, when p.a_q is set, the
