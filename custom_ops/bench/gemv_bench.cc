@@ -4,7 +4,9 @@
 //   rbe_gemv_bench [isa]        isa: auto (default), avx2, avxvnni, avx512, neon, scalar
 //
 // For each setting (bits/block, accuracy level) it prints
-//   hot:  ns per 256 weights of one 768 x 3072 weight read over and over (it stays in L2): compute alone;
+//   hot:  ns per 256 weights of one weight read over and over (it stays in cache): compute alone, for columns
+//         of 3072, 768 and 256 weights (3072 x 768, 768 x 3072, 256 x 1024): a column's fixed cost (its
+//         scale, offset and horizontal sum) shows in how the three differ;
 //   cold: ms per decode step of GPT-2 small's 49 matrices, after reading 512 MB of other memory (so the step
 //         streams its weights from DRAM), with 1 and 2 threads, and the GB/s of codes + seeds that is;
 //   read: the same bytes' codes only, summed with the same column split by a loop that does nothing else
@@ -133,10 +135,19 @@ int main(int argc, char** argv) {
   const rbe::ParallelFor two = rbe::spin_pool_for(2);
   const struct { int bits, block, level; } configs[] = {{4, 64, 0}, {4, 64, 4}, {4, 128, 4}, {3, 256, 4}, {3, 128, 4}};
   for (const auto& c : configs) {
-    const Matrix hot = make_matrix(g, 768, 3072, c.bits, c.block);
-    const double t_hot = time_median([&](int) {
-      for (int i = 0; i < 100; ++i) rbe::gemm(hot.w, a.data(), 1, nullptr, y.data(), isa, rbe::serial_for, c.level);
-    }, false) / 100;
+    std::string hot_ns;
+    for (auto [K, N] : {std::pair<int64_t, int64_t>{3072, 768}, {768, 3072}, {256, 1024}}) {
+      const Matrix hot = make_matrix(g, K, N, c.bits, c.block);
+      const int calls = static_cast<int>(100 * 768 * 3072 / (K * N));
+      const double t_hot = time_median([&](int) {
+        for (int i = 0; i < calls; ++i)
+          rbe::gemm(hot.w, a.data(), 1, nullptr, y.data(), isa, rbe::serial_for, c.level);
+      }, false) / calls;
+      char line[64];
+      std::snprintf(line, sizeof line, "  %.2f (%ldx%ld)", t_hot * 1e9 / (K * N / 256.0), static_cast<long>(K),
+                    static_cast<long>(N));
+      hot_ns += line;
+    }
     std::vector<Matrix> step;
     double bytes = 0, code_bytes = 0;  // per step: codes + seeds (what the kernel streams), codes alone
     for (auto [K, N] : shapes) {
@@ -144,8 +155,8 @@ int main(int argc, char** argv) {
       bytes += static_cast<double>(step.back().codes.size() + 8 * step.back().seeds.size());
       code_bytes += static_cast<double>(step.back().codes.size());
     }
-    std::printf("%d-bit/%d %s  hot %.2f ns/256 weights\n", c.bits, c.block, c.level == 4 ? "int8 " : "float",
-                t_hot * 1e9 / (768.0 * 3072 / 256));
+    std::printf("%d-bit/%d %s  hot ns/256 weights%s\n", c.bits, c.block, c.level == 4 ? "int8 " : "float",
+                hot_ns.c_str());
     for (int threads : {1, 2}) {
       const rbe::ParallelFor& pf = threads == 1 ? rbe::ParallelFor(rbe::serial_for) : two;
       const double t_cold = time_median([&](int) {
