@@ -608,7 +608,8 @@ int main() {
 
   // K: a whole number of blocks for some sizes, a tail block for others (77, 100, 1000), a single
   // value (1). N: partial 16-column tiles and partial 4-column decode groups (19, 33), whole tiles (48).
-  const int64_t shapes[][2] = {{1, 5}, {77, 19}, {100, 33}, {256, 48}, {1000, 40}};
+  // 768, 1536 and 3072 give the AVX-512 GEMV's four-column paths their 3-, 6- and 12-block columns.
+  const int64_t shapes[][2] = {{1, 5}, {77, 19}, {100, 33}, {256, 48}, {1000, 40}, {768, 19}, {1536, 13}, {3072, 9}};
   double worst = 0.0, worst_int8 = 0.0;
   for (int bits : {2, 3, 4, 8})
     for (int block_size : {32, 64, 128, 256})
