@@ -8,6 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from .calibration import CALIBRATION_TOKENS
+
 # Reports are tables meant to be read whole: don't squeeze them to 80 columns when piped or captured.
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -144,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave Gather tables (token/position embeddings) fp32 instead of RBEGather")
     r.add_argument("--calibrate", action="store_true",
                    help="error-feedback rounding from WikiText-2 valid activations (never the test split)")
-    r.add_argument("--calib-tokens", type=int, default=8192, help="calibration tokens (default 8192)")
+    r.add_argument("--calib-tokens", type=int, default=CALIBRATION_TOKENS,
+                   help=f"calibration tokens of WikiText-2 valid (default {CALIBRATION_TOKENS})")
     r.add_argument("--target-bpw", type=float,
                    help="average bits/weight over all rewritten weights (seeds included); each weight's width and "
                         "block size are chosen by its measured sensitivity (implies --calibrate; overrides "

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
+from .calibration import CALIBRATION_TOKENS
 from .codec import RBEWeight, decode, encode
 from .codec.center import center_term, fit_center, MIN_ENERGY_REMOVED, with_center
 from .codec.gptq import encode_gptq
@@ -119,7 +120,7 @@ def _encode_as_stored(W, bits, block_size, H, damp, center, outlier_fraction, ce
 
 def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64, exclude: str | None = None,
                   embeddings: bool = True, progress: bool = True, calibration_dir: Path | None = None,
-                  calibration_tokens: int = 8192, target_bpw: float | None = None,
+                  calibration_tokens: int = CALIBRATION_TOKENS, target_bpw: float | None = None,
                   center: bool = True, accuracy_level: int = 0, distill_steps: int = 0,
                   outlier_fraction: float = 0.0, split_vocab: bool = True, rotate: bool = False) -> list[ReportRow]:
     """Rewrites `model` in place; returns one report row per MatMul/Gemm/Gather node.
@@ -144,6 +145,8 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
         raise ValueError(f"accuracy_level must be 0 to 4, got {accuracy_level}")
     if not 0.0 <= outlier_fraction <= MAX_OUTLIER_FRACTION:
         raise ValueError(f"outlier fraction must be in [0, {MAX_OUTLIER_FRACTION}], got {outlier_fraction}")
+    if calibration_dir is not None and not calibration_tokens > 0:
+        raise ValueError(f"--calib-tokens must be a positive number of tokens, got {calibration_tokens}")
     if target_bpw is not None and calibration_dir is None:
         raise ValueError("--target-bpw measures each weight's sensitivity on calibration data: it needs "
                          "--calibrate (a model exported by `rbe-onnx export`)")
@@ -268,7 +271,7 @@ def _set_metadata(model: onnx.ModelProto, key: str, value: str) -> None:
 
 def rewrite(model_or_path: onnx.ModelProto | str | os.PathLike, output_path: str | os.PathLike | None = None, *,
             bits: int = 4, block_size: int = 64, exclude: str | None = None, embeddings: bool = True,
-            progress: bool = True, calibrate: bool = False, calibration_tokens: int = 8192,
+            progress: bool = True, calibrate: bool = False, calibration_tokens: int = CALIBRATION_TOKENS,
             target_bpw: float | None = None, center: bool = True, accuracy_level: int = 0,
             distill_steps: int = 0, outlier_fraction: float = 0.0,
             split_vocab: bool = True, rotate: bool = False) -> tuple[onnx.ModelProto, list[ReportRow]]:

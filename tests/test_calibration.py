@@ -6,7 +6,7 @@ import pytest
 
 from rbe_onnx import rewrite
 from rbe_onnx import datasets
-from rbe_onnx.calibration import calibration_batches
+from rbe_onnx.calibration import activation_hessians, calibration_batches
 from rbe_onnx.codec import decode, encode
 from rbe_onnx.codec.gptq import encode_gptq
 from rbe_onnx.evaluate import compare, wikitext_test_windows
@@ -25,6 +25,33 @@ def test_gptq_lowers_output_error_on_correlated_inputs():
     for bits in (3, 4, 8):
         rtn, gptq = out_err(decode(encode(W, bits=bits))), out_err(decode(encode_gptq(W, H, bits=bits)))
         assert gptq < 0.9 * rtn, (bits, rtn, gptq)
+
+
+@pytest.mark.parametrize("model_dir", ["tiny_gpt2_onnx_dir", "tiny_bert_onnx_dir"])
+def test_hessians_are_the_float64_sums_over_real_tokens(model_dir, request):
+    """The single-precision syrk sums match xᵀx taken in float64 over the same activations, padding left out
+    (BERT batches are padded per batch), and come out whole and symmetric."""
+    import onnx
+    import onnxruntime as ort
+
+    from rbe_onnx.passes import find_candidates
+
+    model_dir = request.getfixturevalue(model_dir)
+    model = onnx.load(str(model_dir / "model.onnx"))
+    names = sorted({c.node.input[0] for c in find_candidates(model, None, embeddings=False) if c.eligible})[:3]
+    H = activation_hessians(model, model_dir, names, tokens=1024, progress=False)
+    for name in names:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = {name: 0.0 for name in names}
+    for feeds, real in calibration_batches(model_dir, 1024):
+        for name, x in zip(names, session.run(names, feeds)):
+            x = x.reshape(-1, x.shape[-1])[real.reshape(-1)].astype(np.float64)
+            expected[name] = expected[name] + x.T @ x
+    for name in names:
+        np.testing.assert_array_equal(H[name], H[name].T)
+        assert H[name].dtype == np.float64
+        assert np.abs(H[name] - expected[name]).max() <= 1e-5 * np.abs(expected[name]).max(), name
 
 
 def test_calibration_refuses_the_test_split(tiny_gpt2_onnx_dir):
@@ -57,3 +84,12 @@ def test_calibrated_4bit_ref_gpt2_is_closer_to_fp32(ref_gpt2_onnx_dir, tmp_path)
     print(f"ref-gpt2 4-bit/64, 8 test windows: RTN {scores[False]}, calibrated {scores[True]}")
     assert scores[True]["kl"] < scores[False]["kl"] / 3
     assert scores[True]["top1"] > scores[False]["top1"]
+
+
+@pytest.mark.parametrize("tokens", ["0", "-5"])
+def test_a_calibration_without_tokens_is_refused(tiny_gpt2_onnx_dir, tmp_path, capsys, tokens):
+    from rbe_onnx.cli import main as cli
+
+    assert cli(["rewrite", str(tiny_gpt2_onnx_dir / "model.onnx"), "-o", str(tmp_path / "model.onnx"),
+                "--calibrate", "--calib-tokens", tokens, "-q"]) == 2
+    assert f"--calib-tokens must be a positive number of tokens, got {tokens}" in capsys.readouterr().out
