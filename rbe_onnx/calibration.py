@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import onnx
+# numpy and onnx are imported where used: the CLI reads CALIBRATION_TOKENS for its help text, and its start-up
+# loads neither (about 0.13 s).
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
 
 CALIBRATION_SPLIT = "valid"
 # Tokens of WikiText-2 valid whose activations make each H. Error feedback fits every weight to them, and with
@@ -50,6 +54,8 @@ def calibration_batches(model_dir: Path, tokens: int, batch: int = 4,
     encoder sees them, padded per batch; the mask marks the padding so it stays out of the statistics.
     """
     _check_split(split)
+    import numpy as np
+
     from .datasets import wikitext2_paragraphs, wikitext2_text
 
     info = _export_info(model_dir)
@@ -86,6 +92,8 @@ def token_counts(model_dir: Path, split: str = CALIBRATION_SPLIT, skip: list | N
     skip: calibration_batches(model_dir, ...) whose text (their whole windows or paragraphs, which are the
     split's first) the counts leave out, so that text stays unseen by them."""
     _check_split(split)
+    import numpy as np
+
     from .datasets import wikitext2_paragraphs, wikitext2_text
 
     info = _export_info(model_dir)
@@ -106,6 +114,7 @@ def _gram_upper(x: np.ndarray) -> np.ndarray:
     """The upper triangle of xᵀx for rows x (BLAS syrk, half a product's work, in float32: a batch's sum is
     good to ~1e-6 relative, far inside GPTQ's 1 % dampening, and the caller sums the batches in float64).
     In float64 with a full product, the sums took longer than the model runs that make the activations."""
+    import numpy as np
     from scipy.linalg.blas import ssyrk
 
     return ssyrk(1.0, np.asarray(x, dtype=np.float32).T, trans=0)
@@ -115,6 +124,8 @@ def activation_hessians(model: onnx.ModelProto, model_dir: Path, activations: li
                         tokens: int = CALIBRATION_TOKENS,
                         batch: int = 4, threads: int | None = None, progress: bool = True) -> dict[str, np.ndarray]:
     """Σ xᵀx (float64, K x K) for each named activation tensor, over `tokens` calibration tokens."""
+    import numpy as np
+    import onnx
     import onnxruntime as ort
     from tqdm import tqdm
 

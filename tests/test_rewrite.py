@@ -262,3 +262,12 @@ def test_bad_files_give_clear_errors(tmp_path, capsys, content):
     for command in (["rewrite", str(path)], ["inspect", str(path)]):
         assert cli(command) == 2
         assert "bad.onnx" in capsys.readouterr().out
+
+
+def test_cli_start_up_loads_neither_numpy_nor_onnx():
+    """`rbe-onnx --help` or a mistyped flag answers at once: the heavy modules load with the command that
+    needs them (the calibration default the help text shows comes from a module that defers them too)."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, rbe_onnx.cli; rbe_onnx.cli.build_parser(); "
+                             "print(sorted({'numpy', 'onnx', 'onnxruntime'} & set(sys.modules)))"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
