@@ -60,6 +60,7 @@ RBE_VARIANTS = [
     ("RBE 4-bit/128 int8", 4, 128, 4, False),
     ("RBE 3-bit/256 int8", 3, 256, 4, False),
     ("RBE 3-bit/256 int8 --rotate", 3, 256, 4, True),
+    ("RBE 2-bit/128 int8", 2, 128, 4, False),
 ]
 
 
@@ -170,7 +171,7 @@ def kernel_bandwidth(sample_bandwidth: Callable[[], None], threads: int, rounds:
 
     rng = np.random.default_rng(0)
     shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12 + [(768, 50257)]
-    configs = [(4, 64, 0), (4, 64, 4), (4, 128, 4), (3, 256, 4)]
+    configs = [(4, 64, 0), (4, 64, 4), (4, 128, 4), (3, 256, 4), (2, 128, 4)]
     sets = {}
     for bits, block, _ in configs:
         if (bits, block) in sets:

@@ -133,7 +133,7 @@ int main(int argc, char** argv) {
   // Two threads from the pool the Python binding uses: workers kept spinning between calls, as ORT's pool
   // does between the nodes of a step.
   const rbe::ParallelFor two = rbe::spin_pool_for(2);
-  const struct { int bits, block, level; } configs[] = {{4, 64, 0}, {4, 64, 4}, {4, 128, 4}, {3, 256, 4}, {3, 128, 4}};
+  const struct { int bits, block, level; } configs[] = {{4, 64, 0}, {4, 64, 4}, {4, 128, 4}, {3, 256, 4}, {3, 128, 4}, {2, 128, 4}};
   for (const auto& c : configs) {
     std::string hot_ns;
     for (auto [K, N] : {std::pair<int64_t, int64_t>{3072, 768}, {768, 3072}, {256, 1024}}) {
