@@ -125,7 +125,8 @@ def weight_matrix(model: onnx.ModelProto, c: Candidate) -> np.ndarray:
 
 def replace_candidates(model: onnx.ModelProto, encoded: dict[tuple[str, bool], "object"],
                        candidates: list[Candidate]) -> None:
-    """Swaps each eligible candidate for an RBEFusedGemm / RBEGather reading `encoded[c.key]` (an RBEWeight).
+    """Swaps each eligible candidate for an RBEFusedGemm / RBEGather reading `encoded[c.key]` (an RBEWeight, or
+    for a Gather a codec.RiceTable: an RBEGather with coding=1, FORMAT.md §5.4).
 
     Nodes keep their names and output names; candidates mapped to the same RBEWeight object (a shared or
     tied weight) read one codes initializer and one seeds initializer; fp32 weights no node reads any more are
@@ -143,10 +144,16 @@ def replace_candidates(model: onnx.ModelProto, encoded: dict[tuple[str, bool], "
             stem = f"{c.weight_name}{'.T' if c.transpose else ''}"
             names = stored[id(w)] = {"codes": f"{stem}.rbe_codes"}
             graph.initializer.append(numpy_helper.from_array(w.codes, names["codes"]))
-            if w.center is not None:
+            rice = getattr(w, "lengths", None) is not None
+            if rice:
+                if any(x.eligible and encoded[x.key] is w and x.node.op_type != "Gather" for x in candidates):
+                    raise ValueError(f"{c.weight_name}: a Rice-coded table can only be gathered (FORMAT.md §5.4)")
+                names["lengths"] = f"{stem}.rbe_lengths"
+                graph.initializer.append(numpy_helper.from_array(w.lengths, names["lengths"]))
+            elif w.center is not None:
                 names["center"] = f"{stem}.rbe_center"
                 graph.initializer.append(numpy_helper.from_array(w.center, names["center"]))
-            if w.outliers is not None:
+            if not rice and w.outliers is not None:
                 names["outliers"] = f"{stem}.rbe_outliers"
                 graph.initializer.append(numpy_helper.from_array(w.outliers, names["outliers"]))
             if users[id(w)] > 1:
@@ -155,7 +162,8 @@ def replace_candidates(model: onnx.ModelProto, encoded: dict[tuple[str, bool], "
                 names["seeds"] = f"{stem}.rbe_seeds"
                 graph.initializer.append(numpy_helper.from_array(w.seeds, names["seeds"]))
         names = stored[id(w)]
-        attrs = dict(K=w.K, N=w.N, block_size=w.block_size, bits=w.bits, scale0=float(w.scale0))
+        attrs = dict(K=w.K, N=w.N, coding=1, scale0=float(w.scale0)) if "lengths" in names else \
+            dict(K=w.K, N=w.N, block_size=w.block_size, bits=w.bits, scale0=float(w.scale0))
         if "seeds" not in names:
             attrs["seeds"] = numpy_helper.from_array(w.seeds, "seeds")
         if getattr(w, "rotation", 0):
@@ -166,7 +174,8 @@ def replace_candidates(model: onnx.ModelProto, encoded: dict[tuple[str, bool], "
             attrs["rotation_seed"] = w.rotation_seed - (1 << 64) if w.rotation_seed >= 1 << 63 else w.rotation_seed
         # ONNX skips an absent optional input with an empty name; trailing absent ones are left off.
         if c.node.op_type == "Gather":
-            optional = [names.get("center", ""), names.get("seeds", ""), names.get("outliers", "")]
+            optional = [names.get("center", ""), names.get("seeds", ""), names.get("outliers", ""),
+                        names.get("lengths", "")]
             inputs = [c.node.input[1], names["codes"]]
             op_type = GATHER_OP_TYPE
         else:

@@ -18,10 +18,13 @@ import numpy as np
 import onnx
 
 from .codec import decode, encode
+from .codec.rice import STEP_LADDER, ladder_step, rice_decode, rice_encode, stream_bytes
 from .codec.gptq import _inverse_cholesky, encode_gptq
 from .codec.center import center_term, fit_center, MIN_ENERGY_REMOVED
 
 LADDER = ((2, 128), (3, 256), (3, 128), (3, 64), (4, 128), (4, 64), (8, 64))
+# A Rice-coded table's setting (FORMAT.md §5.4) is (RICE, i): its step is STEP_LADDER[i] times the table's RMS.
+RICE = 0
 PROBE = (3, 128)
 SAMPLE_WEIGHTS = 1 << 17  # the error ratios of the settings are measured on about this many of a weight's values
 
@@ -34,6 +37,7 @@ class Choice:
     block_size: int
     use_center: bool
     options: list[tuple[int, int, int, float]] = field(default_factory=list)  # (bits, bs, bytes, distortion)
+    # bits = RICE: a Rice-coded table, block_size then the index into STEP_LADDER
     probe_distortion: float = 0.0
 
 
@@ -111,6 +115,22 @@ def error_ratios(W: np.ndarray, H: np.ndarray | None, noise: np.ndarray, use_cen
         coded = encode(R, bits=bits, block_size=bs) if H is None else \
             encode_gptq(R, H, bits=bits, block_size=bs, damp=damp, U=U)
         out[(bits, bs)] = _error_energy(decode(coded) - R, H) / max(base, 1e-300)
+    return out
+
+
+def rice_options(W: np.ndarray, noise: np.ndarray, rng: np.random.Generator) -> list[tuple[int, int, int, float]]:
+    """(RICE, level, bytes, error ratio) for each step of STEP_LADDER on a table W: bytes extrapolated from
+    the streams of sampled columns (+ seeds, lengths, scale0), the error over the probe noise's on them."""
+    K, N = W.shape
+    cols = np.sort(rng.choice(N, size=min(N, max(16, SAMPLE_WEIGHTS // K)), replace=False))
+    sub = W[:, cols]
+    base = _error_energy(noise[:, cols], None)
+    out = []
+    for level in range(len(STEP_LADDER)):
+        step = ladder_step(W, level)
+        coded = rice_encode(sub, step)
+        nbytes = int(round(stream_bytes(sub, step) * N / len(cols))) + 10 * N + 4
+        out.append((RICE, level, nbytes, _error_energy(rice_decode(coded) - sub, None) / max(base, 1e-300)))
     return out
 
 
@@ -212,15 +232,16 @@ class OutputDistortion:
 
 def plan_settings(model: onnx.ModelProto, groups: list[list], hessians: list[np.ndarray | None],
                   batches: list[tuple[dict, np.ndarray]], target_bpw: float, center: bool = True,
-                  progress: bool = True, seed: int = 0,
-                  rotations: list | None = None) -> tuple[list[tuple[int, int]], list[dict[int, tuple]]]:
+                  progress: bool = True, seed: int = 0, rotations: list | None = None,
+                  rice: list[bool] | None = None) -> tuple[list[tuple[int, int]], list[dict[int, tuple]]]:
     """(bits, block_size) for each group of candidates sharing one weight (compressor._group_identical), so
     that the encoded groups take at most `target_bpw` bits per weight in all; and per group the center fits
     (fit_center's result by block size) the measurements computed, for the encoder to reuse.
 
     rotations: per group the input rotation (codec.rotation.Rotation, FORMAT.md §5.3) it will be coded with,
     or None: its settings' error ratios are measured on the rotated weight against the rotated inputs, as it
-    will be coded."""
+    will be coded. rice: per group whether it is a table to Rice-code (FORMAT.md §5.4); its settings are then
+    (RICE, level) ones only."""
     from tqdm import tqdm
 
     from .passes.fused_gemm import weight_matrix
@@ -234,8 +255,9 @@ def plan_settings(model: onnx.ModelProto, groups: list[list], hessians: list[np.
     center_fits: list[dict[int, tuple]] = []
     weights = 0
     rotations = rotations or [None] * len(groups)
-    for i, (group, H, rot) in enumerate(tqdm(list(zip(groups, hessians, rotations)), desc="sensitivity",
-                                              unit="weight", disable=not progress)):
+    rice = rice or [False] * len(groups)
+    for i, (group, H, rot, as_rice) in enumerate(tqdm(list(zip(groups, hessians, rotations, rice)),
+                                                       desc="sensitivity", unit="weight", disable=not progress)):
         W = weight_matrix(model, group[0])
         K, N = W.shape
         weights += K * N
@@ -255,10 +277,13 @@ def plan_settings(model: onnx.ModelProto, groups: list[list], hessians: list[np.
             W, H, noise = rot.weight(W).astype(np.float32), None if H is None else rot.hessian(H), rot.weight(noise)
             fits = CenterFits(W)
             use_c = center and uses_center(W, PROBE[1], fits)
-        ratios = error_ratios(W, H, noise, use_c, rng, fits)
+        if as_rice:
+            options = [(b, level, nbytes, probe * ratio) for b, level, nbytes, ratio in rice_options(W, noise, rng)]
+        else:
+            ratios = error_ratios(W, H, noise, use_c, rng, fits)
+            options = [(b, bs, stored_bytes(K, N, b, bs, use_c), probe * ratios[(b, bs)]) for b, bs in LADDER]
         choices[i] = Choice(bits=PROBE[0], block_size=PROBE[1], use_center=use_c, probe_distortion=probe,
-                            options=[(b, bs, stored_bytes(K, N, b, bs, use_c), probe * ratios[(b, bs)])
-                                     for b, bs in LADDER])
+                            options=options)
         center_fits.append(fits.computed())
     allocate(choices, target_bpw * weights / 8)
     return [(choices[i].bits, choices[i].block_size) for i in range(len(groups))], center_fits

@@ -31,7 +31,8 @@ def print_report(rows, title: str) -> None:
         table.add_column(col, justify=just)
     for r in rows:
         done = r.status == "rbe"
-        setting = f"rbe {r.bits}b/{r.block_size}" + (f" rot{r.rotation}" if r.rotation else "")
+        setting = "rbe rice" if r.coding == "rice" else \
+            f"rbe {r.bits}b/{r.block_size}" + (f" rot{r.rotation}" if r.rotation else "")
         table.add_row(r.node, r.op_type, r.shape, setting if done else r.status,
                       f"{r.bits_per_weight:.3f}" if done else "-", _size(r.bytes_before) if done else "-",
                       _size(r.bytes_after) if done else "-", f"{r.rel_rmse:.4f}" if done else "-")
@@ -62,7 +63,8 @@ def cmd_rewrite(args) -> int:
                       calibrate=args.calibrate or args.target_bpw is not None or args.distill > 0,
                       calibration_tokens=args.calib_tokens, target_bpw=args.target_bpw, center=not args.no_center,
                       accuracy_level=args.accuracy_level, distill_steps=args.distill,
-                      outlier_fraction=args.outliers, split_vocab=not args.no_split_vocab, rotate=args.rotate)
+                      outlier_fraction=args.outliers, split_vocab=not args.no_split_vocab, rotate=args.rotate,
+                      rice_tables=not args.fixed_tables)
     print_report(rows, f"{args.model} -> {output}")
     return 0
 
@@ -173,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "make up 95 %% of the calibration text and the rest, each coded at its own width "
                         "(untied tables of at least 4096 rows, e.g. BERT's; a GPT-2 table tied to its logits "
                         "is never split)")
+    r.add_argument("--fixed-tables", action="store_true",
+                   help="with --target-bpw, code the tables that are only gathered (BERT's embeddings, GPT-2's "
+                        "positions) with fixed-width codes instead of Rice codes (FORMAT.md §5.4), e.g. for "
+                        "readers of the older format")
     r.add_argument("--no-center", action="store_true",
                    help="never give a weight a center vector (FORMAT.md §5.1), e.g. for readers of the older format")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

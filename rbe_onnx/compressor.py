@@ -15,7 +15,8 @@ import onnx
 from tqdm import tqdm
 
 from .calibration import CALIBRATION_TOKENS
-from .codec import RBEWeight, decode, encode
+from .codec import RBEWeight, RiceTable, decode, encode, rice_encode
+from .codec.rice import MAX_K as RICE_MAX_K, ladder_step
 from .codec.center import center_term, fit_center, MIN_ENERGY_REMOVED, with_center
 from .codec.gptq import encode_gptq
 from .codec.outliers import BITS_PER_OUTLIER
@@ -53,20 +54,24 @@ class ReportRow:
     bytes_after: int = 0
     rel_rmse: float = 0.0
     rotation: int = 0   # R of the input rotation (FORMAT.md §5.3), 0 for none
+    coding: str = ""    # "rice" for a Rice-coded table (FORMAT.md §5.4; bits and block_size then 0)
 
 
-def _row(c: Candidate, w: RBEWeight | None, rel_rmse: float, shared: bool) -> ReportRow:
+def _row(c: Candidate, w: RBEWeight | RiceTable | None, rel_rmse: float, shared: bool) -> ReportRow:
     K, N = c.shape
     row = ReportRow(node=c.node.name, op_type=c.node.op_type, weight=c.weight_name,
                     shape=f"{K} x {N}" if K else "-", status=c.skip_reason or "rbe",
                     bytes_before=4 * K * N, bytes_after=4 * K * N)
     if w is not None:
         # A weight shared by several nodes is stored once: the first node carries its bytes.
-        row.bits, row.block_size, row.bits_per_weight = w.bits, w.block_size, round(w.bits_per_weight, 4)
+        row.bits_per_weight = round(w.bits_per_weight, 4)
+        if isinstance(w, RiceTable):
+            row.coding = "rice"
+        else:
+            row.bits, row.block_size, row.rotation = w.bits, w.block_size, w.rotation
         row.bytes_before = 0 if shared else 4 * K * N
         row.bytes_after = 0 if shared else w.nbytes
         row.rel_rmse = rel_rmse
-        row.rotation = w.rotation
     return row
 
 
@@ -122,7 +127,8 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
                   embeddings: bool = True, progress: bool = True, calibration_dir: Path | None = None,
                   calibration_tokens: int = CALIBRATION_TOKENS, target_bpw: float | None = None,
                   center: bool = True, accuracy_level: int = 0, distill_steps: int = 0,
-                  outlier_fraction: float = 0.0, split_vocab: bool = True, rotate: bool = False) -> list[ReportRow]:
+                  outlier_fraction: float = 0.0, split_vocab: bool = True, rotate: bool = False,
+                  rice_tables: bool = True) -> list[ReportRow]:
     """Rewrites `model` in place; returns one report row per MatMul/Gemm/Gather node.
 
     embeddings: also turn Gathers over constant tables (token/position embeddings) into RBEGather.
@@ -140,7 +146,9 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
     split_vocab: with `target_bpw`, split token tables into their frequent and rare rows first
     (passes/split_vocab.py), each table then getting its own setting; the row mask is counted.
     rotate: code each MatMul/Gemm weight after an input rotation (FORMAT.md §5.3; not a table that is also
-    gathered, whose rows are read as stored)."""
+    gathered, whose rows are read as stored).
+    rice_tables: with `target_bpw`, Rice-code the tables that are only gathered (FORMAT.md §5.4: an entropy
+    code, the same error in fewer bits than fixed-width codes); without, they get fixed-width codes."""
     if accuracy_level not in range(5):
         raise ValueError(f"accuracy_level must be 0 to 4, got {accuracy_level}")
     if not 0.0 <= outlier_fraction <= MAX_OUTLIER_FRACTION:
@@ -192,24 +200,35 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
     # A Gather has no activation statistics; a tied matrix takes its MatMul's (the lm_head's).
     group_h = [next((hessians[c.node.input[0]] for c in g if c.node.input[0] in hessians), None) for g in groups]
     rotations = [_rotation_for(g) if rotate else None for g in groups]
+    # A table only gathered is read an entry at a time: a variable-length code costs nothing there.
+    rice = [rice_tables and target_bpw is not None and all(c.node.op_type == "Gather" for c in g)
+            and g[0].shape[0] <= RICE_MAX_K for g in groups]
     settings = [(bits, block_size)] * len(groups)
     center_fits: list[dict[int, tuple] | None] = [None] * len(groups)
     if target_bpw is not None:
         from .allocation import plan_settings
 
         split_mask_bits = 8 * sum(s.rows for s in splits)  # one byte per row of a split table, in the budget
-        code_bpw = target_bpw - BITS_PER_OUTLIER * outlier_fraction - split_mask_bits / sum(
-            c.shape[0] * c.shape[1] for c in (g[0] for g in groups))
+        sizes = [g[0].shape[0] * g[0].shape[1] for g in groups]
+        outlier_bits = BITS_PER_OUTLIER * outlier_fraction * sum(n for n, r in zip(sizes, rice) if not r)
+        code_bpw = target_bpw - (outlier_bits + split_mask_bits) / sum(sizes)  # Rice tables keep no outliers
         if code_bpw <= 0:
             raise ValueError(f"--target-bpw {target_bpw} leaves nothing for the codes after outliers of "
                              f"{BITS_PER_OUTLIER * outlier_fraction:.3g} bits/weight")
         settings, center_fits = plan_settings(model, groups, group_h, batches, code_bpw, center=center,
-                                              progress=progress, rotations=rotations)
+                                              progress=progress, rotations=rotations, rice=rice)
     encoded: dict[tuple[str, bool], RBEWeight] = {}
     errors: dict[tuple[str, bool], float] = {}
-    for group, H, (g_bits, g_bs), fits, rot in tqdm(list(zip(groups, group_h, settings, center_fits, rotations)),
-                                                    desc="encoding", unit="weight", disable=not progress):
+    for group, H, (g_bits, g_bs), fits, rot, as_rice in tqdm(
+            list(zip(groups, group_h, settings, center_fits, rotations, rice)), desc="encoding", unit="weight",
+            disable=not progress):
         W = weight_matrix(model, group[0])
+        if as_rice:  # the setting is (allocation.RICE, step level)
+            w = rice_encode(W, ladder_step(W, g_bs))
+            err = float(np.linalg.norm(decode(w) - W) / max(np.linalg.norm(W), 1e-30))
+            for c in group:
+                encoded[c.key], errors[c.key] = w, err
+            continue
         # A table that is also gathered is read row by row, where every weight's own error shows: pull the
         # error feedback towards plain rounding with a strong identity term (dampening) for it.
         tied = any(c.node.op_type == "Gather" for c in group)
@@ -274,7 +293,8 @@ def rewrite(model_or_path: onnx.ModelProto | str | os.PathLike, output_path: str
             progress: bool = True, calibrate: bool = False, calibration_tokens: int = CALIBRATION_TOKENS,
             target_bpw: float | None = None, center: bool = True, accuracy_level: int = 0,
             distill_steps: int = 0, outlier_fraction: float = 0.0,
-            split_vocab: bool = True, rotate: bool = False) -> tuple[onnx.ModelProto, list[ReportRow]]:
+            split_vocab: bool = True, rotate: bool = False,
+            rice_tables: bool = True) -> tuple[onnx.ModelProto, list[ReportRow]]:
     """Loads (if given a path), rewrites and (if output_path is given) saves with aligned external data.
 
     calibrate: error-feedback rounding from WikiText-2 valid activations; needs a path to a model exported
@@ -288,7 +308,8 @@ def rewrite(model_or_path: onnx.ModelProto | str | os.PathLike, output_path: str
                          calibration_dir=Path(model_or_path).parent if calibrate else None,
                          calibration_tokens=calibration_tokens, target_bpw=target_bpw, center=center,
                          accuracy_level=accuracy_level, distill_steps=distill_steps,
-                         outlier_fraction=outlier_fraction, split_vocab=split_vocab, rotate=rotate)
+                         outlier_fraction=outlier_fraction, split_vocab=split_vocab, rotate=rotate,
+                         rice_tables=rice_tables)
     if output_path is not None:
         save_model(model, output_path)
         if not isinstance(model_or_path, onnx.ModelProto):

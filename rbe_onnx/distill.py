@@ -26,6 +26,7 @@ from .codec.decode import decode, level_tables
 from .codec.outliers import positions
 from .codec.packing import unpack_codes
 from .codec.seed import RHO_PER_LOG_SCALE, alpha_bits, scales_from_rho, unpack_seeds
+from .codec.rice import RiceTable
 from .codec.weight import RBEWeight
 from .passes.split_vocab import assemble, recorded_splits
 
@@ -239,7 +240,8 @@ def distill(model: onnx.ModelProto, model_dir: Path, weights: dict[str, tuple[RB
         key = fam.prefix + name
         if key not in params:
             continue  # the lm_head's own copy of the tied table: torch ties it to wte already
-        if not fam.tunes(name):  # the student still sees it as encoded
+        if not fam.tunes(name) or isinstance(w, RiceTable):  # the student still sees it as encoded (a Rice
+            # table has no per-block scales to tune)
             fixed[key] = torch.from_numpy(as_stored(name))
             continue
         parts = _student_parts(w)

@@ -6,6 +6,7 @@ import numpy as np
 from .codebook import levels
 from .outliers import positions
 from .packing import unpack_codes
+from .rice import RiceTable, rice_decode
 from .seed import THETA_STEPS, UNIFORM_THETA, scales_from_rho
 from .weight import RBEWeight
 
@@ -15,9 +16,12 @@ def level_tables(bits: int) -> np.ndarray:
     return np.stack([levels(bits, UNIFORM_THETA if bits == 8 else t) for t in range(THETA_STEPS)])
 
 
-def decode(w: RBEWeight) -> np.ndarray:
+def decode(w: RBEWeight | RiceTable) -> np.ndarray:
     """The float32 K x N matrix the weight stands for, Y = A · decode(w) (§5: w = d · (L[c] + o), or an
-    outlier's value, §5.2; + α · c_k with a center, §5.1; times Q with an input rotation, §5.3)."""
+    outlier's value, §5.2; + α · c_k with a center, §5.1; times Q with an input rotation, §5.3; a Rice-coded
+    table's entries, §5.4)."""
+    if isinstance(w, RiceTable):
+        return rice_decode(w)
     f = {k: v.reshape(-1) for k, v in w.validate().items()}
     d = scales_from_rho(f["rho"], w.scale0)
     codes = unpack_codes(w.codes.reshape(-1, w.block_bytes), w.bits).astype(np.intp)  # [N·nb, bs]

@@ -25,8 +25,6 @@ std::string node_name(const OrtApi& api, const OrtKernelInfo* info) {
   return name;
 }
 
-namespace {
-// The name of node input `index`, "" when the node has fewer inputs or leaves that optional one empty.
 std::string input_name(const OrtApi& api, const OrtKernelInfo* info, size_t index) {
   size_t n_inputs = 0;
   check(api, api.KernelInfo_GetInputCount(info, &n_inputs));
@@ -39,6 +37,7 @@ std::string input_name(const OrtApi& api, const OrtKernelInfo* info, size_t inde
   return name;
 }
 
+namespace {
 int64_t int_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name) {
   int64_t v = 0;
   OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, &v);
@@ -86,6 +85,57 @@ const void* raw_data(const OrtApi& api, const OrtValue* value) {
   return p;
 }
 
+namespace {
+// The seeds, from the attribute or (a table two nodes share, FORMAT.md §2.2) from a constant input, not both;
+// `owner` holds the attribute's copy while they are read.
+struct SeedsInput {
+  std::unique_ptr<OrtValue, decltype(OrtApi::ReleaseValue)> owner{nullptr, nullptr};
+  const OrtValue* value = nullptr;
+  TensorView view;
+  const char* what = "attribute 'seeds'";
+};
+
+SeedsInput read_seeds(const OrtApi& api, const OrtKernelInfo* info, size_t seeds_index, int64_t N,
+                      const char* shape_rule) {
+  SeedsInput s;
+  OrtAllocator* alloc = nullptr;
+  check(api, api.GetAllocatorWithDefaultOptions(&alloc));
+  OrtValue* attr_value = nullptr;
+  OrtStatus* st = api.KernelInfoGetAttribute_tensor(info, "seeds", alloc, &attr_value);
+  if (st) { api.ReleaseStatus(st); attr_value = nullptr; }
+  s.owner = std::unique_ptr<OrtValue, decltype(OrtApi::ReleaseValue)>(attr_value, api.ReleaseValue);
+  const bool seeds_input = !input_name(api, info, seeds_index).empty();
+  if (attr_value && seeds_input)
+    throw FormatError("seeds given twice: as attribute 'seeds' and as input 'seeds' (give one)");
+  s.value = attr_value;
+  if (seeds_input) {
+    s.what = "input 'seeds'";
+    s.value = constant_input(api, info, seeds_index, s.what);
+  }
+  if (s.value == nullptr)
+    throw FormatError("missing attribute 'seeds' (an INT64 tensor; or a constant 'seeds' input)");
+  s.view = describe(api, s.value);
+  if (s.view.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64)
+    throw FormatError(std::string(s.what) + " must be an INT64 tensor");
+  if (s.view.shape.size() != 2 || s.view.shape[0] != N)
+    throw FormatError(std::string(s.what) + " must have shape " + shape_rule);
+  return s;
+}
+
+// The constant uint8 1-D codes input, read in place.
+const OrtValue* read_codes(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index) {
+  size_t n_inputs = 0;
+  check(api, api.KernelInfo_GetInputCount(info, &n_inputs));
+  if (n_inputs <= codes_index) throw FormatError("input 'codes' missing");
+  const OrtValue* codes_value =
+      constant_input(api, info, codes_index, "input 'codes'", " (it is read in place, never copied)");
+  const TensorView codes = describe(api, codes_value);
+  if (codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || codes.shape.size() != 1)
+    throw FormatError("input 'codes' must be a 1-D uint8 tensor");
+  return codes_value;
+}
+}  // namespace
+
 PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index, size_t center_index,
                            size_t seeds_index, size_t outliers_index) {
   WeightShape shape;
@@ -97,38 +147,10 @@ PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t 
   if (st) { api.ReleaseStatus(st); throw FormatError("missing or non-float attribute 'scale0'"); }
   validate_shape(shape);  // before anything is sized from these numbers
 
-  // The seeds come from the attribute, or (a table two nodes share, FORMAT.md §2.2) from a constant input.
-  OrtAllocator* alloc = nullptr;
-  check(api, api.GetAllocatorWithDefaultOptions(&alloc));
-  OrtValue* attr_value = nullptr;
-  st = api.KernelInfoGetAttribute_tensor(info, "seeds", alloc, &attr_value);
-  if (st) { api.ReleaseStatus(st); attr_value = nullptr; }
-  std::unique_ptr<OrtValue, decltype(api.ReleaseValue)> attr_owner(attr_value, api.ReleaseValue);
-  const bool seeds_input = !input_name(api, info, seeds_index).empty();
-  if (attr_value && seeds_input)
-    throw FormatError("seeds given twice: as attribute 'seeds' and as input 'seeds' (give one)");
-  const OrtValue* seeds_value = attr_value;
-  const char* seeds_what = "attribute 'seeds'";
-  if (seeds_input) {
-    seeds_what = "input 'seeds'";
-    seeds_value = constant_input(api, info, seeds_index, seeds_what);
-  }
-  if (seeds_value == nullptr)
-    throw FormatError("missing attribute 'seeds' (an INT64 tensor; or a constant 'seeds' input)");
-  const TensorView seeds = describe(api, seeds_value);
-  if (seeds.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64)
-    throw FormatError(std::string(seeds_what) + " must be an INT64 tensor");
-  if (seeds.shape.size() != 2 || seeds.shape[0] != shape.N)
-    throw FormatError(std::string(seeds_what) + " must have shape [N, ceil(K / block_size)]");
-
-  size_t n_inputs = 0;
-  check(api, api.KernelInfo_GetInputCount(info, &n_inputs));
-  if (n_inputs <= codes_index) throw FormatError("input 'codes' missing");
-  const OrtValue* codes_value =
-      constant_input(api, info, codes_index, "input 'codes'", " (it is read in place, never copied)");
+  const SeedsInput seeds = read_seeds(api, info, seeds_index, shape.N, "[N, ceil(K / block_size)]");
+  const OrtValue* seeds_value = seeds.value;
+  const OrtValue* codes_value = read_codes(api, info, codes_index);
   const TensorView codes = describe(api, codes_value);
-  if (codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || codes.shape.size() != 1)
-    throw FormatError("input 'codes' must be a 1-D uint8 tensor");
 
   // The center is K floats, copied into the prepared weight, so it is read once here like the codes.
   const float* center = nullptr;
@@ -162,9 +184,48 @@ PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t 
   if (st) { api.ReleaseStatus(st); rotation = 0; }
   st = api.KernelInfoGetAttribute_int64(info, "rotation_seed", &rotation_seed);
   if (st) { api.ReleaseStatus(st); rotation_seed = 0; }
-  return prepare_weight(shape, tensor_data<int64_t>(api, seeds_value), seeds.size(),
+  return prepare_weight(shape, tensor_data<int64_t>(api, seeds_value), seeds.view.size(),
                         tensor_data<uint8_t>(api, codes_value), codes.size(), center, n_center, outliers, n_outliers,
                         rotation, static_cast<uint64_t>(rotation_seed));
+}
+
+int64_t read_coding(const OrtApi& api, const OrtKernelInfo* info) {
+  int64_t coding = 0;
+  OrtStatus* st = api.KernelInfoGetAttribute_int64(info, "coding", &coding);
+  if (st) { api.ReleaseStatus(st); return 0; }
+  if (coding != 0 && coding != 1)
+    throw FormatError("attribute 'coding'=" + std::to_string(coding) + " unsupported (0: fixed-width codes, 1: Rice)");
+  return coding;
+}
+
+RiceTable read_rice_table(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index, size_t center_index,
+                          size_t seeds_index, size_t outliers_index, size_t lengths_index) {
+  for (const char* name : {"bits", "block_size"}) {
+    int64_t v = 0;
+    OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, &v);
+    if (st) { api.ReleaseStatus(st); continue; }
+    throw FormatError(std::string("attribute '") + name + "' given with coding=1 (a Rice-coded table has neither)");
+  }
+  if (!input_name(api, info, center_index).empty()) throw FormatError("input 'center' given with coding=1");
+  if (!input_name(api, info, outliers_index).empty()) throw FormatError("input 'outliers' given with coding=1");
+  const int64_t K = int_attr(api, info, "K"), N = int_attr(api, info, "N");
+  float scale0 = 0.f;
+  OrtStatus* st = api.KernelInfoGetAttribute_float(info, "scale0", &scale0);
+  if (st) { api.ReleaseStatus(st); throw FormatError("missing or non-float attribute 'scale0'"); }
+  if (N < 1 || N > kMaxDim) throw FormatError("N=" + std::to_string(N) + " out of range [1, 2^24]");
+  const SeedsInput seeds = read_seeds(api, info, seeds_index, N, "[N, 1] (one seed per entry)");
+  if (seeds.view.shape[1] != 1) throw FormatError(std::string(seeds.what) + " must have shape [N, 1] (one seed per entry)");
+  const OrtValue* codes_value = read_codes(api, info, codes_index);
+  if (input_name(api, info, lengths_index).empty()) throw FormatError("input 'lengths' missing (required with coding=1)");
+  const OrtValue* lengths_value = constant_input(api, info, lengths_index, "input 'lengths'");
+  const TensorView lengths = describe(api, lengths_value);
+  if (lengths.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16 || lengths.shape.size() != 1 || lengths.shape[0] != N)
+    throw FormatError("input 'lengths' must be a uint16 tensor of shape [" + std::to_string(N) + "] (N)");
+  const int64_t n_code_bytes = describe(api, codes_value).size();
+  static const uint8_t kNone = 0;  // an empty tensor may have no data pointer
+  return prepare_rice_table(K, N, scale0, tensor_data<int64_t>(api, seeds.value), seeds.view.size(),
+                            n_code_bytes ? tensor_data<uint8_t>(api, codes_value) : &kNone, n_code_bytes,
+                            tensor_data<uint16_t>(api, lengths_value), lengths.size());
 }
 
 void init_op_defaults(OrtCustomOp& op) {

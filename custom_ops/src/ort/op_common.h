@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "rbe/format.h"
+#include "rbe/rice.h"
 
 namespace rbe {
 
@@ -42,6 +43,16 @@ const T* tensor_data(const OrtApi& api, const OrtValue* value) {
 // optional constant uint8 outlier records at `outliers_index` (§5.2).
 PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index, size_t center_index,
                            size_t seeds_index, size_t outliers_index);
+
+// The `coding` attribute of an RBEGather (FORMAT.md §5.4): 0 (absent) for §4's codes, 1 for Rice-coded entries.
+int64_t read_coding(const OrtApi& api, const OrtKernelInfo* info);
+// The name of node input `index`, "" when the node has fewer inputs or leaves that optional one empty.
+std::string input_name(const OrtApi& api, const OrtKernelInfo* info, size_t index);
+
+// A Rice-coded table (§5.4): K, N, scale0 and the seeds as read_weight reads them (one per entry), the codes
+// input and the constant uint16 [N] `lengths` input; `bits`, `block_size`, center and outliers must be absent.
+RiceTable read_rice_table(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index, size_t center_index,
+                          size_t seeds_index, size_t outliers_index, size_t lengths_index);
 
 // What every ai.rbe op shares: version 1 on the CPU EP, one float output, required non-variadic I/O,
 // V2 (status-returning) kernel entry points only. Each op then sets its name, inputs and kernel functions.
