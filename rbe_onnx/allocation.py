@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from .codec import decode, encode
-from .codec.rice import STEP_LADDER, ladder_step, rice_decode, rice_encode, stream_bytes
+from .codec.rice import STEP_LADDER, encodable, ladder_step, rice_decode, rice_encode, stream_bytes
 from .codec.gptq import _inverse_cholesky, encode_gptq
 from .codec.center import center_term, fit_center, MIN_ENERGY_REMOVED
 
@@ -119,8 +119,9 @@ def error_ratios(W: np.ndarray, H: np.ndarray | None, noise: np.ndarray, use_cen
 
 
 def rice_options(W: np.ndarray, noise: np.ndarray, rng: np.random.Generator) -> list[tuple[int, int, int, float]]:
-    """(RICE, level, bytes, error ratio) for each step of STEP_LADDER on a table W: bytes extrapolated from
-    the streams of sampled columns (+ seeds, lengths, scale0), the error over the probe noise's on them."""
+    """(RICE, level, bytes, error ratio) for each step of STEP_LADDER that can code the table W: bytes
+    extrapolated from the streams of sampled columns (+ seeds, lengths, scale0), the error over the probe
+    noise's on them."""
     K, N = W.shape
     cols = np.sort(rng.choice(N, size=min(N, max(16, SAMPLE_WEIGHTS // K)), replace=False))
     sub = W[:, cols]
@@ -128,6 +129,8 @@ def rice_options(W: np.ndarray, noise: np.ndarray, rng: np.random.Generator) -> 
     out = []
     for level in range(len(STEP_LADDER)):
         step = ladder_step(W, level)
+        if not encodable(W, step):
+            continue
         coded = rice_encode(sub, step)
         nbytes = int(round(stream_bytes(sub, step) * N / len(cols))) + 10 * N + 4
         out.append((RICE, level, nbytes, _error_energy(rice_decode(coded) - sub, None) / max(base, 1e-300)))

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .calibration import CALIBRATION_TOKENS
 from .codec import RBEWeight, RiceTable, decode, encode, rice_encode
-from .codec.rice import MAX_K as RICE_MAX_K, ladder_step
+from .codec.rice import encodable, ladder_step
 from .codec.center import center_term, fit_center, MIN_ENERGY_REMOVED, with_center
 from .codec.gptq import encode_gptq
 from .codec.outliers import BITS_PER_OUTLIER
@@ -201,8 +201,7 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
     group_h = [next((hessians[c.node.input[0]] for c in g if c.node.input[0] in hessians), None) for g in groups]
     rotations = [_rotation_for(g) if rotate else None for g in groups]
     # A table only gathered is read an entry at a time: a variable-length code costs nothing there.
-    rice = [rice_tables and target_bpw is not None and all(c.node.op_type == "Gather" for c in g)
-            and g[0].shape[0] <= RICE_MAX_K for g in groups]
+    rice = [rice_tables and target_bpw is not None and _only_gathered_and_encodable(model, g) for g in groups]
     settings = [(bits, block_size)] * len(groups)
     center_fits: list[dict[int, tuple] | None] = [None] * len(groups)
     if target_bpw is not None:
@@ -253,6 +252,15 @@ def rewrite_model(model: onnx.ModelProto, *, bits: int = 4, block_size: int = 64
     set_accuracy_level(model, accuracy_level)
     _set_metadata(model, REPORT_KEY, json.dumps([asdict(r) for r in rows]))
     return rows
+
+
+def _only_gathered_and_encodable(model: onnx.ModelProto, group: list[Candidate]) -> bool:
+    """Whether a weight group can be a Rice-coded table (FORMAT.md §5.4): read by Gathers alone, K within
+    bounds, and codable at the ladder's coarsest step (the allocation offers only the steps that code it)."""
+    if not all(c.node.op_type == "Gather" for c in group):
+        return False
+    W = weight_matrix(model, group[0])
+    return encodable(W, ladder_step(W, 0))
 
 
 def _rotation_for(group: list[Candidate]) -> Rotation | None:

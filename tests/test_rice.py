@@ -135,6 +135,7 @@ def _truncated(t):
     ("seeds_shape", "must have shape [N, 1] (one seed per entry)"),
     ("theta", "seed [3, 0]: theta != 4 in a Rice-coded table"),
     ("big_k", "K=20000 out of range [1, 16384] for a Rice-coded table"),
+    ("lengths_without_coding", "input 'lengths' given without coding=1"),
 ])
 def test_malformed_table_is_an_error_naming_the_node(tmp_path, case, message):
     t = _table()
@@ -170,6 +171,8 @@ def test_malformed_table_is_an_error_naming_the_node(tmp_path, case, message):
         kwargs = dict(seeds=pack_seeds(f["rho"], theta, f["offset"], f["width"]))
     elif case == "big_k":
         kwargs = dict(attrs=dict(K=20000))
+    elif case == "lengths_without_coding":
+        kwargs = dict(attrs=dict(coding=None, bits=4, block_size=64))
     path = tmp_path / "rice.onnx" if case == "no_lengths" else _model(tmp_path, t, **kwargs)
     with pytest.raises(Exception) as err:
         _session(str(path))
@@ -227,3 +230,28 @@ def test_target_bpw_rice_codes_gather_only_tables(tiny_bert_onnx_dir, tmp_path):
     rewrite(tiny_bert_onnx_dir / "model.onnx", fixed, target_bpw=6.0, calibrate=True, progress=False,
             rice_tables=False)
     assert not [r for r in read_report(fixed) if r.coding == "rice"]
+
+
+def test_allocation_offers_only_the_steps_that_code_the_table(monkeypatch):
+    """A step too fine for a table's largest value (|q| past what k = 15 or an escape holds) is never offered
+    to the budget. One value v among n has v/RMS <= √n, so only tables of over 10^8 values can hit it; the
+    check is exercised here at the encoder's bound and, for the allocation, with that bound lowered."""
+    from rbe_onnx import allocation
+    from rbe_onnx.codec.rice import encodable
+
+    W = np.zeros((4, 2), np.float32)
+    W[0, 0] = 1.0
+    assert encodable(W, 1.0 / 245000) and not encodable(W, 1.0 / 246000)
+    rice_encode(W, 1.0 / 245000)
+    with pytest.raises(ValueError, match="step too small"):
+        rice_encode(W, 1.0 / 250000)
+
+    rng = np.random.default_rng(3)
+    W = (rng.standard_normal((64, 200)) * 0.05).astype(np.float32)
+    noise = rng.standard_normal(W.shape).astype(np.float32) * 0.01
+    assert [lv for _, lv, _, _ in allocation.rice_options(W, noise, rng)] == list(range(len(STEP_LADDER)))
+    coarse = ladder_step(W, 10)
+    monkeypatch.setattr(allocation, "encodable", lambda W, step: step >= coarse)
+    options = allocation.rice_options(W, noise, rng)
+    assert [lv for _, lv, _, _ in options] == list(range(11))
+    assert all(kind == allocation.RICE for kind, *_ in options)

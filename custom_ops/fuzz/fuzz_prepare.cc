@@ -56,6 +56,7 @@
 
 #include "rbe/format.h"
 #include "rbe/kernels.h"
+#include "input_reader.h"
 #include "reference.h"
 
 namespace {
@@ -74,21 +75,6 @@ constexpr int64_t kMaxAValues = int64_t{1} << 20;
 // Derived records: up to 255 per seed over 2^16 seeds would be 50 MB; a mismatched length is rejected all
 // the same, so a truthful shorter buffer loses nothing.
 constexpr int64_t kMaxOutlierBytes = int64_t{1} << 22;
-
-struct Reader {
-  const uint8_t* p;
-  size_t n, pos = 0;
-  template <typename T>
-  T take() {
-    T v{};
-    const size_t k = pos < n ? std::min(sizeof(T), n - pos) : 0;
-    if (k) std::memcpy(&v, p + pos, k);
-    pos += sizeof(T);
-    return v;
-  }
-  size_t left() const { return pos < n ? n - pos : 0; }
-  const uint8_t* here() const { return p + std::min(pos, n); }
-};
 
 struct SplitMix {
   uint64_t s;

@@ -24,21 +24,9 @@
 
 #include "rbe/format.h"
 #include "rbe/rice.h"
+#include "input_reader.h"
 
 namespace {
-
-struct Reader {
-  const uint8_t* p;
-  size_t n, pos = 0;
-  template <typename T>
-  T get() {
-    T v{};
-    uint8_t b[sizeof(T)] = {};
-    for (size_t i = 0; i < sizeof(T); ++i) b[i] = pos < n ? p[pos++] : 0;
-    std::memcpy(&v, b, sizeof(T));
-    return v;
-  }
-};
 
 [[noreturn]] void oracle(const char* what) {
   std::fprintf(stderr, "RBE_FUZZ oracle violated: %s\n", what);
@@ -100,25 +88,25 @@ bool reference(int64_t K, int64_t N, float scale0, const std::vector<int64_t>& s
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   Reader in{data, size};
-  const uint16_t k_raw = in.get<uint16_t>();
-  const int64_t N = 1 + in.get<uint8_t>() % 48;
-  const uint8_t flags = in.get<uint8_t>();
-  float scale0 = in.get<float>();
+  const uint16_t k_raw = in.take<uint16_t>();
+  const int64_t N = 1 + in.take<uint8_t>() % 48;
+  const uint8_t flags = in.take<uint8_t>();
+  float scale0 = in.take<float>();
   if (scale0 == 0.f) scale0 = 0.01f;
   const int64_t K = (flags & 1) ? k_raw : 1 + k_raw % 600;
   std::vector<int64_t> seeds(static_cast<size_t>(N));
   for (auto& s : seeds) {
-    const uint64_t mask = in.get<uint64_t>();
+    const uint64_t mask = in.take<uint64_t>();
     const uint64_t valid = uint64_t{0xB2} << 56 | uint64_t{4} << 16;
     s = static_cast<int64_t>(valid ^ mask);
   }
   std::vector<uint16_t> lengths(static_cast<size_t>(N));
   uint64_t claimed = 0;
-  for (auto& l : lengths) claimed += (l = in.get<uint16_t>());
-  if (flags & 2) claimed = static_cast<uint64_t>(std::max<int64_t>(0, static_cast<int64_t>(claimed) + in.get<int16_t>()));
+  for (auto& l : lengths) claimed += (l = in.take<uint16_t>());
+  if (flags & 2) claimed = static_cast<uint64_t>(std::max<int64_t>(0, static_cast<int64_t>(claimed) + in.take<int16_t>()));
   claimed = std::min<uint64_t>(claimed, uint64_t{1} << 20);
   std::vector<uint8_t> codes(static_cast<size_t>(claimed));
-  for (auto& c : codes) c = in.get<uint8_t>();
+  for (auto& c : codes) c = in.take<uint8_t>();
 
   std::vector<float> expected;
   const bool valid = reference(K, N, scale0, seeds, lengths, codes, expected);

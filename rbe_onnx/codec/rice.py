@@ -26,6 +26,12 @@ def ladder_step(W: np.ndarray, level: int) -> float:
     return STEP_LADDER[level] * float(np.sqrt(np.mean(np.square(W, dtype=np.float64))))
 
 
+def encodable(W: np.ndarray, step: float) -> bool:
+    """Whether rice_encode(W, step) can hold every value: |q| stays within what k = 15 reaches before an
+    escape (z < 15·2^15), with room for the offset."""
+    return W.shape[0] <= MAX_K and float(np.abs(W).max(initial=0.0)) / step < (ESCAPE << MAX_RICE_K) // 2 - 256
+
+
 @dataclass(frozen=True)
 class RiceTable:
     """A K x N weight W = Eᵀ (entry t of the table is column t) in §5.4's form."""
@@ -187,4 +193,5 @@ def rice_decode(t: RiceTable) -> np.ndarray:
     return (d[None, :] * (q + o[None, :]).astype(np.float32)).astype(np.float32)
 
 
-__all__ = ["RiceTable", "rice_encode", "rice_decode", "stream_bytes", "ladder_step", "STEP_LADDER", "MAX_K"]
+__all__ = ["RiceTable", "rice_encode", "rice_decode", "stream_bytes", "ladder_step", "encodable", "STEP_LADDER",
+           "MAX_K"]
