@@ -1,6 +1,7 @@
-"""Rice-coded embedding tables (docs/FORMAT.md §5.4): one uniform step per entry, each value's integer coded
-with a Rice code, for tables that are only gathered (never multiplied), where a bit-serial decoder costs
-nothing that matters and the entropy code spends fewer bits than fixed-width codes for the same error."""
+"""Rice-coded embedding tables (docs/FORMAT.md §5.4): a uniform step per entry (this encoder gives every entry
+the same one), each value's integer coded with a Rice code, for tables that are only gathered (never
+multiplied), where a bit-serial decoder costs nothing that matters and the entropy code spends fewer bits than
+fixed-width codes for the same error."""
 from __future__ import annotations
 
 from dataclasses import dataclass
