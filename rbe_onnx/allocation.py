@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from .codec import decode, encode
-from .codec.rice import STEP_LADDER, encodable, ladder_step, rice_decode, rice_encode, stream_bytes
+from .codec.rice import STEP_LADDER, encodable, ladder_step, rice_decode, rice_encode
 from .codec.gptq import _inverse_cholesky, encode_gptq
 from .codec.center import center_term, fit_center, MIN_ENERGY_REMOVED
 
@@ -132,7 +132,7 @@ def rice_options(W: np.ndarray, noise: np.ndarray, rng: np.random.Generator) -> 
         if not encodable(W, step):
             continue
         coded = rice_encode(sub, step)
-        nbytes = int(round(stream_bytes(sub, step) * N / len(cols))) + 10 * N + 4
+        nbytes = int(round(coded.codes.size * N / len(cols))) + 10 * N + 4
         out.append((RICE, level, nbytes, _error_energy(rice_decode(coded) - sub, None) / max(base, 1e-300)))
     return out
 

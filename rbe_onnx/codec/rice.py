@@ -103,13 +103,6 @@ def _best_k(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return k, costs[k, np.arange(z.shape[1])]
 
 
-def stream_bytes(W: np.ndarray, step: float) -> int:
-    """Bytes of the streams rice_encode(W, step) writes, without writing them (for budgets)."""
-    q, _ = _quantise(W, step)
-    _, bits = _best_k(_zigzag(q))
-    return int(((bits + 7) // 8).sum())
-
-
 def _quantise(W: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
     """Integers q (offset removed) and the per-entry offsets o with W ≈ step·(q + o)."""
     n = np.rint(W.astype(np.float64) / step).astype(np.int64)
@@ -194,5 +187,4 @@ def rice_decode(t: RiceTable) -> np.ndarray:
     return (d[None, :] * (q + o[None, :]).astype(np.float32)).astype(np.float32)
 
 
-__all__ = ["RiceTable", "rice_encode", "rice_decode", "stream_bytes", "ladder_step", "encodable", "STEP_LADDER",
-           "MAX_K"]
+__all__ = ["RiceTable", "rice_encode", "rice_decode", "ladder_step", "encodable", "STEP_LADDER", "MAX_K"]

@@ -122,8 +122,20 @@ SeedsInput read_seeds(const OrtApi& api, const OrtKernelInfo* info, size_t seeds
   return s;
 }
 
+// A uint8 tensor's bytes. An empty tensor may have no data pointer though the input is given: it then points
+// at kNoBytes, so that "given, empty" stays distinct from "absent" (null).
+struct Bytes {
+  const uint8_t* data;
+  int64_t size;
+};
+const uint8_t kNoBytes = 0;
+
+Bytes bytes_of(const OrtApi& api, const OrtValue* value, int64_t size) {
+  return {size ? tensor_data<uint8_t>(api, value) : &kNoBytes, size};
+}
+
 // The constant uint8 1-D codes input, read in place.
-const OrtValue* read_codes(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index) {
+Bytes read_codes(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index) {
   size_t n_inputs = 0;
   check(api, api.KernelInfo_GetInputCount(info, &n_inputs));
   if (n_inputs <= codes_index) throw FormatError("input 'codes' missing");
@@ -132,7 +144,7 @@ const OrtValue* read_codes(const OrtApi& api, const OrtKernelInfo* info, size_t 
   const TensorView codes = describe(api, codes_value);
   if (codes.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || codes.shape.size() != 1)
     throw FormatError("input 'codes' must be a 1-D uint8 tensor");
-  return codes_value;
+  return bytes_of(api, codes_value, codes.size());
 }
 }  // namespace
 
@@ -148,9 +160,7 @@ PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t 
   validate_shape(shape);  // before anything is sized from these numbers
 
   const SeedsInput seeds = read_seeds(api, info, seeds_index, shape.N, "[N, ceil(K / block_size)]");
-  const OrtValue* seeds_value = seeds.value;
-  const OrtValue* codes_value = read_codes(api, info, codes_index);
-  const TensorView codes = describe(api, codes_value);
+  const Bytes codes = read_codes(api, info, codes_index);
 
   // The center is K floats, copied into the prepared weight, so it is read once here like the codes.
   const float* center = nullptr;
@@ -174,9 +184,9 @@ PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t 
     const TensorView o = describe(api, value);
     if (o.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 || o.shape.size() != 1)
       throw FormatError("input 'outliers' must be a 1-D uint8 tensor");
-    static const uint8_t kNone = 0;  // an empty tensor may have no data pointer; the input is still given
-    n_outliers = o.size();
-    outliers = n_outliers ? tensor_data<uint8_t>(api, value) : &kNone;
+    const Bytes records = bytes_of(api, value, o.size());
+    outliers = records.data;
+    n_outliers = records.size;
   }
   // The input rotation (§5.3): both attributes optional, absent meaning none.
   int64_t rotation = 0, rotation_seed = 0;
@@ -184,8 +194,8 @@ PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t 
   if (st) { api.ReleaseStatus(st); rotation = 0; }
   st = api.KernelInfoGetAttribute_int64(info, "rotation_seed", &rotation_seed);
   if (st) { api.ReleaseStatus(st); rotation_seed = 0; }
-  return prepare_weight(shape, tensor_data<int64_t>(api, seeds_value), seeds.view.size(),
-                        tensor_data<uint8_t>(api, codes_value), codes.size(), center, n_center, outliers, n_outliers,
+  return prepare_weight(shape, tensor_data<int64_t>(api, seeds.value), seeds.view.size(),
+                        codes.data, codes.size, center, n_center, outliers, n_outliers,
                         rotation, static_cast<uint64_t>(rotation_seed));
 }
 
@@ -215,16 +225,14 @@ RiceTable read_rice_table(const OrtApi& api, const OrtKernelInfo* info, size_t c
   if (N < 1 || N > kMaxDim) throw FormatError("N=" + std::to_string(N) + " out of range [1, 2^24]");
   const SeedsInput seeds = read_seeds(api, info, seeds_index, N, "[N, 1] (one seed per entry)");
   if (seeds.view.shape[1] != 1) throw FormatError(std::string(seeds.what) + " must have shape [N, 1] (one seed per entry)");
-  const OrtValue* codes_value = read_codes(api, info, codes_index);
+  const Bytes codes = read_codes(api, info, codes_index);
   if (input_name(api, info, lengths_index).empty()) throw FormatError("input 'lengths' missing (required with coding=1)");
   const OrtValue* lengths_value = constant_input(api, info, lengths_index, "input 'lengths'");
   const TensorView lengths = describe(api, lengths_value);
   if (lengths.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16 || lengths.shape.size() != 1 || lengths.shape[0] != N)
     throw FormatError("input 'lengths' must be a uint16 tensor of shape [" + std::to_string(N) + "] (N)");
-  const int64_t n_code_bytes = describe(api, codes_value).size();
-  static const uint8_t kNone = 0;  // an empty tensor may have no data pointer
   return prepare_rice_table(K, N, scale0, tensor_data<int64_t>(api, seeds.value), seeds.view.size(),
-                            n_code_bytes ? tensor_data<uint8_t>(api, codes_value) : &kNone, n_code_bytes,
+                            codes.data, codes.size,
                             tensor_data<uint16_t>(api, lengths_value), lengths.size());
 }
 
