@@ -5,7 +5,8 @@
 //   1. the scalar kernel against that direct double-precision product,
 //   2. every other available ISA (AVX2 on x86, NEON on aarch64) against the scalar kernel,
 // both to max|diff| <= 1e-5 · max|ref|, that rbe::decode_weight gives the decoded weights bit for bit, and that
-// malformed inputs throw rbe::FormatError. Cases with a center vector (§5.1) put a random binary16 alpha in
+// malformed inputs throw rbe::FormatError. Rice-coded tables (§5.4) likewise: the test writes the streams
+// itself, and the library must read back the values it chose, bit for bit, and refuse broken streams. Cases with a center vector (§5.1) put a random binary16 alpha in
 // every seed and add float32(α·c_k) to the test's own decode (rounded separately, never fused, as the spec
 // says: under qemu this checks that the aarch64 build of format.cc does not contract it into an FMA).
 // The int8 path (accuracy_level 4) the same way: the test quantizes the activations itself (FORMAT.md §2.1;
@@ -24,6 +25,7 @@
 
 #include "rbe/format.h"
 #include "rbe/kernels.h"
+#include "rbe/rice.h"
 #include "reference.h"  // rbe_ref::rotate_rows (§5.3 in double), rbe_ref::with_tag
 
 namespace {
@@ -476,6 +478,129 @@ void expect_format_error(const std::string& what, const std::function<void()>& f
   report(false, what + ": did not throw");
 }
 
+// §5.4 streams written from the spec (not from rice.cc): per value a unary run u of 1 bits ended by a 0, then
+// k remainder bits, or 15 ones and 16 raw bits (an escape); zigzag; each entry padded to a whole byte.
+class BitWriter {
+ public:
+  void bit(unsigned b) {
+    if (n_ % 8 == 0) bytes_.push_back(0);
+    bytes_.back() = static_cast<uint8_t>(bytes_.back() | (b & 1u) << (n_ % 8));
+    ++n_;
+  }
+  void bits(uint32_t v, int n) {
+    for (int i = 0; i < n; ++i) bit(v >> i & 1u);
+  }
+  int64_t size() const { return n_; }
+  std::vector<uint8_t> take() {
+    n_ = 0;
+    return std::move(bytes_);
+  }
+
+ private:
+  std::vector<uint8_t> bytes_;
+  int64_t n_ = 0;
+};
+
+struct RiceCase {
+  int64_t K, N;
+  float scale0;
+  std::vector<int64_t> seeds;
+  std::vector<uint16_t> lengths;
+  std::vector<uint8_t> codes;
+  std::vector<float> expected;  // [N][K]: entry t's values
+  std::vector<int64_t> bits;    // [N]: bits of entry t's values, before its padding
+};
+
+// Random entries with their own step (rho), offset and Rice parameter; the values mostly within the unary
+// run's reach, now and then an escape, and with k = 15 also values beyond 16 bits without one.
+RiceCase random_rice(std::mt19937_64& rng, int64_t K, int64_t N) {
+  RiceCase c{K, N, 1e-3f * static_cast<float>(1 + rng() % 1000), {}, {}, {}, {}, {}};
+  BitWriter w;
+  for (int64_t t = 0; t < N; ++t) {
+    const uint32_t rho = static_cast<uint32_t>(rng() % 4000), k = static_cast<uint32_t>(rng() % 16);
+    const int32_t o = static_cast<int32_t>(rng() % 256) - 128;
+    c.seeds.push_back(static_cast<int64_t>(make_seed(rho, rbe::kUniformTheta, o, k)));
+    const float d = static_cast<float>(static_cast<double>(c.scale0) * std::exp(rho / 512.0));
+    const uint32_t reach = 15u << k;  // z below this takes no escape
+    for (int64_t i = 0; i < K; ++i) {
+      uint32_t z = static_cast<uint32_t>(rng() % reach);
+      const bool escape = reach <= 0xFFFF && rng() % 16 == 0;
+      if (escape) z = reach + static_cast<uint32_t>(rng() % (0x10000 - reach));
+      if (escape) {
+        w.bits(0x7FFF, 15);
+        w.bits(z, 16);
+      } else {
+        for (uint32_t u = z >> k; u > 0; --u) w.bit(1);
+        w.bit(0);
+        w.bits(z, static_cast<int>(k));
+      }
+      const int32_t q = (z & 1u) ? -static_cast<int32_t>((z + 1) >> 1) : static_cast<int32_t>(z >> 1);
+      c.expected.push_back(d * static_cast<float>(q + o));
+    }
+    c.bits.push_back(w.size());
+    std::vector<uint8_t> entry = w.take();
+    c.lengths.push_back(static_cast<uint16_t>(entry.size()));
+    c.codes.insert(c.codes.end(), entry.begin(), entry.end());
+  }
+  return c;
+}
+
+rbe::RiceTable prepare_rice(const RiceCase& c) {
+  return rbe::prepare_rice_table(c.K, c.N, c.scale0, c.seeds.data(), static_cast<int64_t>(c.seeds.size()),
+                                 c.codes.data(), static_cast<int64_t>(c.codes.size()), c.lengths.data(),
+                                 static_cast<int64_t>(c.lengths.size()));
+}
+
+void test_rice() {
+  std::mt19937_64 rng(7);
+  const int64_t shapes[][2] = {{1, 1}, {7, 5}, {384, 33}, {1000, 9}};
+  for (const auto& kn : shapes) {
+    const RiceCase c = random_rice(rng, kn[0], kn[1]);
+    const rbe::RiceTable t = prepare_rice(c);
+    std::vector<float> row(static_cast<size_t>(c.K));
+    int64_t wrong = 0;
+    for (int64_t e = 0; e < c.N; ++e) {
+      rbe::decode_rice_entry(t, e, row.data());
+      for (int64_t i = 0; i < c.K; ++i)
+        wrong += std::memcmp(&row[i], &c.expected[e * c.K + i], sizeof(float)) != 0;
+    }
+    report(wrong == 0, "rice K=" + std::to_string(c.K) + " N=" + std::to_string(c.N) + ": " +
+                           std::to_string(wrong) + " values differ from the written ones");
+  }
+
+  const RiceCase good = random_rice(rng, 64, 6);
+  auto broken = [&](const std::string& what, const std::function<void(RiceCase&)>& edit) {
+    RiceCase c = good;
+    edit(c);
+    expect_format_error("rice: " + what, [&] { prepare_rice(c); });
+  };
+  broken("last entry one byte short", [](RiceCase& c) {
+    c.codes.pop_back();
+    --c.lengths.back();
+  });
+  broken("a zero byte after an entry", [](RiceCase& c) {
+    c.codes.push_back(0);
+    ++c.lengths.back();
+  });
+  broken("lengths over the codes", [](RiceCase& c) { ++c.lengths[2]; });
+  int64_t padded = 0, end = 0;  // an entry whose last byte has padding, and where its stream ends
+  for (int64_t e = 0; e < good.N; ++e) {
+    end += good.lengths[e];
+    if (good.bits[e] % 8 != 0) {
+      padded = e;
+      break;
+    }
+  }
+  report(good.bits[padded] % 8 != 0, "rice: the malformed cases have an entry with padding");
+  broken("a nonzero pad bit", [&](RiceCase& c) { c.codes[end - 1] |= 0x80; });
+  broken("theta 3", [](RiceCase& c) { c.seeds[1] = static_cast<int64_t>(make_seed(0, 3, 0, 2)); });
+  broken("outliers nonzero", [](RiceCase& c) { c.seeds[0] |= int64_t{1} << 32; });
+  broken("seed count short", [](RiceCase& c) { c.seeds.pop_back(); });
+  broken("K=0", [](RiceCase& c) { c.K = 0; });
+  broken("K above 16384", [](RiceCase& c) { c.K = rbe::kMaxRiceK + 1; });
+  broken("scale0=NaN", [](RiceCase& c) { c.scale0 = NAN; });
+}
+
 void test_malformed() {
   const Case c{4, 32, 40, 3};
   std::mt19937_64 rng(1);
@@ -637,6 +762,7 @@ int main() {
     std::printf("kernel_test: worst SIMD rel error vs scalar: float %.3g, int8 %.3g, rotated %.3g\n", worst,
                 worst_int8, worst_rotated);
   test_malformed();
+  test_rice();
 
   std::printf("kernel_test: %d passed, %d failed\n", g_passed, g_failed);
   return g_failed == 0 ? 0 : 1;
