@@ -5,13 +5,14 @@
 //   1. the scalar kernel against that direct double-precision product,
 //   2. every other available ISA (AVX2 on x86, NEON on aarch64) against the scalar kernel,
 // both to max|diff| <= 1e-5 · max|ref|, that rbe::decode_weight gives the decoded weights bit for bit, and that
-// malformed inputs throw rbe::FormatError. Rice-coded tables (§5.4) likewise: the test writes the streams
-// itself, and the library must read back the values it chose, bit for bit, and refuse broken streams. Cases with a center vector (§5.1) put a random binary16 alpha in
+// malformed inputs throw rbe::FormatError. Cases with a center vector (§5.1) put a random binary16 alpha in
 // every seed and add float32(α·c_k) to the test's own decode (rounded separately, never fused, as the spec
 // says: under qemu this checks that the aarch64 build of format.cc does not contract it into an FMA).
 // The int8 path (accuracy_level 4) the same way: the test quantizes the activations itself (FORMAT.md §2.1;
 // the library's quantize_row_int8 must match it bit for bit), computes the integer block sums directly, and
 // checks the scalar int8 kernel against that and every SIMD ISA's int8 path against the scalar one.
+// Rice-coded tables (§5.4) likewise: the test writes the streams itself, and the library must read back the
+// values it chose, bit for bit, and refuse broken tables (under qemu too: aarch64's char is unsigned).
 // Prints `kernel_test: N passed, M failed` and exits non-zero on any failure.
 #include <algorithm>
 #include <cmath>
