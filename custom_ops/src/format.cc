@@ -29,6 +29,10 @@ uint64_t pack_seed(const SeedFields& f) {
 
 // By value rather than by bit manipulation into a float32 pattern: every binary16 number is m·2^e with an
 // 11-bit m, which float32 holds exactly, so ldexp is exact and needs no F16C or _Float16 support.
+float block_scale(float scale0, uint32_t rho) {
+  return static_cast<float>(static_cast<double>(scale0) * std::exp(rho / 512.0));
+}
+
 float half_to_float(uint16_t h) {
   const int exponent = (h >> 10) & 0x1F;
   const uint32_t mantissa = h & 0x3FFu;
@@ -199,8 +203,7 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
       m << "seed [" << i / nb << ", " << i % nb << "]: " << bad;
       fail(m.str());
     }
-    const double d = static_cast<double>(shape.scale0) * std::exp(f.rho / 512.0);
-    w.scale[i] = static_cast<float>(d);
+    w.scale[i] = block_scale(shape.scale0, f.rho);
     w.offset[i] = static_cast<float>(f.offset);
     w.scaled_offset[i] = w.scale[i] * w.offset[i];
     w.theta[i] = static_cast<uint8_t>(f.theta);

@@ -92,7 +92,7 @@ RiceTable prepare_rice_table(int64_t K, int64_t N, float scale0, const int64_t* 
     else if (f.theta != kUniformTheta) bad = "theta != 4 in a Rice-coded table";
     else if (f.outliers != 0) bad = "outlier count nonzero in a Rice-coded table";
     else if (f.alpha_bits != 0) bad = "alpha nonzero in a Rice-coded table";
-    t.scale[i] = static_cast<float>(static_cast<double>(scale0) * std::exp(f.rho / 512.0));
+    t.scale[i] = block_scale(scale0, f.rho);
     if (!bad && !std::isfinite(t.scale[i])) bad = "scale overflows float32 (scale0 too large)";
     if (bad) {
       m << "seed [" << i << ", 0]: " << bad;

@@ -34,6 +34,9 @@ SeedFields unpack_seed(uint64_t seed);
 uint64_t pack_seed(const SeedFields& f);
 // IEEE 754 binary16 -> float32, exact for every pattern (subnormals, ±0, ±Inf; NaN stays NaN).
 float half_to_float(uint16_t h);
+// A block's step d = s0·(1+r)/(1−r) with r = tanh(rho/1024), computed as s0·exp(rho/512) in double and rounded
+// once (§3); Inf when scale0 is too large for the rho, which the callers refuse.
+float block_scale(float scale0, uint32_t rho);
 bool is_supported_bits(int64_t bits);
 bool is_supported_block_size(int64_t block_size);
 

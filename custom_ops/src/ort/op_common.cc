@@ -37,7 +37,24 @@ std::string input_name(const OrtApi& api, const OrtKernelInfo* info, size_t inde
   return name;
 }
 
+std::optional<int64_t> optional_int_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name) {
+  int64_t v = 0;
+  OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, &v);
+  if (st) {
+    api.ReleaseStatus(st);
+    return std::nullopt;
+  }
+  return v;
+}
+
 namespace {
+float scale0_attr(const OrtApi& api, const OrtKernelInfo* info) {
+  float v = 0.f;
+  OrtStatus* st = api.KernelInfoGetAttribute_float(info, "scale0", &v);
+  if (st) { api.ReleaseStatus(st); throw FormatError("missing or non-float attribute 'scale0'"); }
+  return v;
+}
+
 int64_t int_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name) {
   int64_t v = 0;
   OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, &v);
@@ -155,8 +172,7 @@ PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t 
   shape.N = int_attr(api, info, "N");
   shape.block_size = int_attr(api, info, "block_size");
   shape.bits = int_attr(api, info, "bits");
-  OrtStatus* st = api.KernelInfoGetAttribute_float(info, "scale0", &shape.scale0);
-  if (st) { api.ReleaseStatus(st); throw FormatError("missing or non-float attribute 'scale0'"); }
+  shape.scale0 = scale0_attr(api, info);
   validate_shape(shape);  // before anything is sized from these numbers
 
   const SeedsInput seeds = read_seeds(api, info, seeds_index, shape.N, "[N, ceil(K / block_size)]");
@@ -189,20 +205,15 @@ PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t 
     n_outliers = records.size;
   }
   // The input rotation (§5.3): both attributes optional, absent meaning none.
-  int64_t rotation = 0, rotation_seed = 0;
-  st = api.KernelInfoGetAttribute_int64(info, "rotation", &rotation);
-  if (st) { api.ReleaseStatus(st); rotation = 0; }
-  st = api.KernelInfoGetAttribute_int64(info, "rotation_seed", &rotation_seed);
-  if (st) { api.ReleaseStatus(st); rotation_seed = 0; }
+  const int64_t rotation = optional_int_attr(api, info, "rotation").value_or(0);
+  const int64_t rotation_seed = optional_int_attr(api, info, "rotation_seed").value_or(0);
   return prepare_weight(shape, tensor_data<int64_t>(api, seeds.value), seeds.view.size(),
                         codes.data, codes.size, center, n_center, outliers, n_outliers,
                         rotation, static_cast<uint64_t>(rotation_seed));
 }
 
 int64_t read_coding(const OrtApi& api, const OrtKernelInfo* info) {
-  int64_t coding = 0;
-  OrtStatus* st = api.KernelInfoGetAttribute_int64(info, "coding", &coding);
-  if (st) { api.ReleaseStatus(st); return 0; }
+  const int64_t coding = optional_int_attr(api, info, "coding").value_or(0);
   if (coding != 0 && coding != 1)
     throw FormatError("attribute 'coding'=" + std::to_string(coding) + " unsupported (0: fixed-width codes, 1: Rice)");
   return coding;
@@ -210,18 +221,13 @@ int64_t read_coding(const OrtApi& api, const OrtKernelInfo* info) {
 
 RiceTable read_rice_table(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index, size_t center_index,
                           size_t seeds_index, size_t outliers_index, size_t lengths_index) {
-  for (const char* name : {"bits", "block_size"}) {
-    int64_t v = 0;
-    OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, &v);
-    if (st) { api.ReleaseStatus(st); continue; }
-    throw FormatError(std::string("attribute '") + name + "' given with coding=1 (a Rice-coded table has neither)");
-  }
+  for (const char* name : {"bits", "block_size"})
+    if (optional_int_attr(api, info, name))
+      throw FormatError(std::string("attribute '") + name + "' given with coding=1 (a Rice-coded table has neither)");
   if (!input_name(api, info, center_index).empty()) throw FormatError("input 'center' given with coding=1");
   if (!input_name(api, info, outliers_index).empty()) throw FormatError("input 'outliers' given with coding=1");
   const int64_t K = int_attr(api, info, "K"), N = int_attr(api, info, "N");
-  float scale0 = 0.f;
-  OrtStatus* st = api.KernelInfoGetAttribute_float(info, "scale0", &scale0);
-  if (st) { api.ReleaseStatus(st); throw FormatError("missing or non-float attribute 'scale0'"); }
+  const float scale0 = scale0_attr(api, info);
   if (N < 1 || N > kMaxDim) throw FormatError("N=" + std::to_string(N) + " out of range [1, 2^24]");
   const SeedsInput seeds = read_seeds(api, info, seeds_index, N, "[N, 1] (one seed per entry)");
   if (seeds.view.shape[1] != 1) throw FormatError(std::string(seeds.what) + " must have shape [N, 1] (one seed per entry)");

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -44,6 +45,8 @@ const T* tensor_data(const OrtApi& api, const OrtValue* value) {
 PreparedWeight read_weight(const OrtApi& api, const OrtKernelInfo* info, size_t codes_index, size_t center_index,
                            size_t seeds_index, size_t outliers_index);
 
+// An optional int attribute: its value, or nothing when the node does not set it.
+std::optional<int64_t> optional_int_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name);
 // The `coding` attribute of an RBEGather (FORMAT.md §5.4): 0 (absent) for §4's codes, 1 for Rice-coded entries.
 int64_t read_coding(const OrtApi& api, const OrtKernelInfo* info);
 // The name of node input `index`, "" when the node has fewer inputs or leaves that optional one empty.

@@ -26,12 +26,7 @@ struct Kernel {
 
 // The optional `accuracy_level` attribute (as MatMulNBits has it): absent means 0.
 int accuracy_level_attr(const OrtApi& api, const OrtKernelInfo* info) {
-  int64_t v = kAccuracyFloat;
-  OrtStatus* st = api.KernelInfoGetAttribute_int64(info, "accuracy_level", &v);
-  if (st) {
-    api.ReleaseStatus(st);
-    return kAccuracyFloat;
-  }
+  const int64_t v = optional_int_attr(api, info, "accuracy_level").value_or(kAccuracyFloat);
   if (!is_supported_accuracy_level(v))
     throw FormatError("attribute 'accuracy_level'=" + std::to_string(v) + " unsupported (0 to 4)");
   return static_cast<int>(v);

@@ -100,14 +100,8 @@ struct RbeGatherOp : OrtCustomOp {
           kernel->K = kernel->weight.shape.K;
           kernel->N = kernel->weight.shape.N;
         }
-        int64_t rotation = 0;
-        OrtStatus* st = api->KernelInfoGetAttribute_int64(info, "rotation", &rotation);
-        if (st) {
-          api->ReleaseStatus(st);
-          rotation = 0;
-        }
         // A rotated weight stores Qᵀ·W: its columns are not the table's rows (FORMAT.md §5.3).
-        if (rotation != 0)
+        if (optional_int_attr(*api, info, "rotation").value_or(0) != 0)
           throw FormatError("attribute 'rotation' is for RBEFusedGemm only: a gathered table is stored unrotated");
         *out = kernel.release();
       });
