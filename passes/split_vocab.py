@@ -22,11 +22,24 @@ Everything left of the per-call Gathers is constant, and ONNX Runtime folds it w
 The file adds only the mask, one byte per row, counted with the tables. Negative and out-of-range ids behave
 as in the original Gather, since every index goes through a [V] table.
 
-The split is skipped in three cases:
+A table tied to an LM head (GPT-2's `logits = h · wteᵀ`, the head a MatMul on its own initializer holding
+wteᵀ) is split on both sides, so the tie still stores each half once:
+
+    logits = RBEMergeColumns(h · hotᵀ, h · coldᵀ, mask)     column v from the first input where mask[v] = 1
+
+That op (FORMAT.md §2.3) is the op library's: ONNX's own way, a Gather along the last axis of the two products'
+Concat, copies one element at a time and took 0.4 ms a token on GPT-2's 50257 logits (140 ms for a 256-token
+prefill), more than a whole ref-gpt2 decode step.
+
+The rare rows are rarely read and, as logits, carry little of the next-token distribution, so both uses
+tolerate a coarse code there. On ref-gpt2 at `--target-bpw 3.3` (64 WikiText-2 test windows), the whole table
+at 3 bits/256 gave a KL to fp32 of 0.00488; split, its 8952 frequent rows at 4 bits/128 and 41305 rare ones at
+2 bits/128 leave the projections 4 to 9 bits instead of 2.5 to 5, and the KL is 0.00261 (BENCHMARKS.md).
+
+The split is skipped for:
 - tables below SPLIT_MIN_ROWS rows (position and segment tables);
 - tables read by more than one node;
-- tables whose transpose is also a MatMul/Gemm weight, i.e. a tied LM head. GPT-2's logits need the whole
-  table, and the tie already stores it once.
+- tables tied to anything but one MatMul whose weight only it reads (a Gemm head, two heads).
 """
 from __future__ import annotations
 
@@ -38,6 +51,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from .fused_gemm import RBE_DOMAIN
 
 SPLIT_MIN_ROWS = 4096
 # Fraction of the calibration text the hot rows cover (WikiText-2 valid; the cut was chosen there).
@@ -55,6 +70,7 @@ class VocabSplit:
     mask: str
     rows: int
     hot_rows: int
+    head: str = ""  # the tied LM head's weight initializer ([D, V]), split into f"{head}.hot" and ".cold"
 
 
 def hot_rows(counts: np.ndarray, coverage: float = HOT_COVERAGE) -> np.ndarray:
@@ -73,10 +89,11 @@ def hot_rows(counts: np.ndarray, coverage: float = HOT_COVERAGE) -> np.ndarray:
     return hot
 
 
-def _tied_digests(graph: onnx.GraphProto) -> set[str]:
-    """Digests of every MatMul/Gemm weight, in the [V, D] orientation a table would have if tied to it."""
+def _tied_heads(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """MatMul/Gemm nodes by the digest of their weight in the [V, D] orientation a table would have if tied
+    to it."""
     init = {t.name: t for t in graph.initializer}
-    out = set()
+    out: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         if node.op_type not in ("MatMul", "Gemm"):
             continue
@@ -84,16 +101,17 @@ def _tied_digests(graph: onnx.GraphProto) -> set[str]:
             if name in init and len(init[name].dims) == 2:
                 W = numpy_helper.to_array(init[name]).astype(np.float32, copy=False)
                 trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-                out.add(hashlib.sha256(np.ascontiguousarray(W if trans_b else W.T).tobytes()).hexdigest())
+                digest = hashlib.sha256(np.ascontiguousarray(W if trans_b else W.T).tobytes()).hexdigest()
+                out.setdefault(digest, []).append(node)
     return out
 
 
 def split_vocab_tables(model: onnx.ModelProto, counts: np.ndarray, coverage: float = HOT_COVERAGE,
                        exclude: str | None = None) -> list[VocabSplit]:
     """Splits every eligible Gather over a [V, D] table with V = len(counts) (a token table: its rows are the
-    vocabulary the counts are over), in place; returns what it split and records it in the model's metadata
-    (rbe_onnx.distill reassembles the tables from it). exclude: the rewrite's regex; a table it excludes
-    stays whole (and in fp32)."""
+    vocabulary the counts are over), and the LM head tied to it if any, in place; returns what it split and
+    records it in the model's metadata (rbe_onnx.distill reassembles the tables from it). exclude: the
+    rewrite's regex; a table it excludes stays whole (and in fp32)."""
     pattern = re.compile(exclude) if exclude else None
     graph = model.graph
     init = {t.name: t for t in graph.initializer}
@@ -101,8 +119,9 @@ def split_vocab_tables(model: onnx.ModelProto, counts: np.ndarray, coverage: flo
     for node in graph.node:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
-    tied = None
-    splits, new_nodes = [], []
+    heads = None
+    splits: list[VocabSplit] = []
+    replaced: dict[str, list[onnx.NodeProto]] = {}  # by the output of the node they replace
     for node in graph.node:
         table = node.input[0] if node.op_type == "Gather" and node.domain in ("", "ai.onnx") else ""
         t = init.get(table)
@@ -110,26 +129,41 @@ def split_vocab_tables(model: onnx.ModelProto, counts: np.ndarray, coverage: flo
         eligible = (t is not None and len(t.dims) == 2 and t.dims[0] == len(counts) >= SPLIT_MIN_ROWS
                     and axis == 0 and readers.get(table) == 1 and t.data_type == TensorProto.FLOAT
                     and not (pattern and (pattern.search(node.name) or pattern.search(table))))
+        head = None
         if eligible:
             E = numpy_helper.to_array(t)
-            tied = _tied_digests(graph) if tied is None else tied
-            eligible = hashlib.sha256(np.ascontiguousarray(E).tobytes()).hexdigest() not in tied
+            heads = _tied_heads(graph) if heads is None else heads
+            tied = heads.get(hashlib.sha256(np.ascontiguousarray(E).tobytes()).hexdigest(), [])
+            if tied:
+                head = tied[0]
+                eligible = (len(tied) == 1 and head.op_type == "MatMul" and readers.get(head.input[1]) == 1
+                            and init[head.input[1]].data_type == TensorProto.FLOAT
+                            and not (pattern and (pattern.search(head.name) or pattern.search(head.input[1]))))
         if not eligible:
-            new_nodes.append(node)
             continue
         hot = hot_rows(counts, coverage)
         split = VocabSplit(table, f"{table}.hot", f"{table}.cold", f"{table}.hot_mask", int(E.shape[0]),
-                           int(hot.sum()))
-        new_nodes += _split_nodes(node, split)
+                           int(hot.sum()), head=head.input[1] if head is not None else "")
+        replaced[node.output[0]] = _split_nodes(node, split)
         graph.initializer.remove(t)
         graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(E[hot]), split.hot),
                                   numpy_helper.from_array(np.ascontiguousarray(E[~hot]), split.cold),
                                   numpy_helper.from_array(hot.astype(np.uint8), split.mask)])
+        if head is not None:
+            W = init[split.head]
+            replaced[head.output[0]] = _head_nodes(head, split)
+            graph.initializer.remove(W)
+            graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(E[hot].T), f"{split.head}.hot"),
+                                      numpy_helper.from_array(np.ascontiguousarray(E[~hot].T),
+                                                              f"{split.head}.cold")])
         splits.append(split)
     if splits:
+        nodes = [n for node in graph.node for n in replaced.get(node.output[0], [node])]
         del graph.node[:]
-        graph.node.extend(new_nodes)
+        graph.node.extend(nodes)
         _record(model, splits)
+        if any(s.head for s in splits) and not any(op.domain == RBE_DOMAIN for op in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(RBE_DOMAIN, 1))
     return splits
 
 
@@ -166,6 +200,17 @@ def _split_nodes(node: onnx.NodeProto, s: VocabSplit) -> list[onnx.NodeProto]:
         helper.make_node("Unsqueeze", [name("ids_hot"), name("last_axis")], [name("row_hot")],
                          name=name("row_hot")),
         helper.make_node("Where", [name("row_hot"), name("hot_rows"), name("cold_rows")], [out], name=p),
+    ]
+
+
+def _head_nodes(node: onnx.NodeProto, s: VocabSplit) -> list[onnx.NodeProto]:
+    """The tied head `h · Wᵀ` as its hot and cold halves' products, merged back into vocabulary order."""
+    h, out, p = node.input[0], node.output[0], (node.name or s.head) + "/split"
+    return [
+        helper.make_node("MatMul", [h, f"{s.head}.hot"], [f"{p}/hot_logits"], name=f"{p}/hot"),
+        helper.make_node("MatMul", [h, f"{s.head}.cold"], [f"{p}/cold_logits"], name=f"{p}/cold"),
+        helper.make_node("RBEMergeColumns", [f"{p}/hot_logits", f"{p}/cold_logits", s.mask], [out], name=p,
+                         domain=RBE_DOMAIN),
     ]
 
 

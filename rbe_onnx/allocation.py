@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from .codec import decode, encode
+from .library import get_library_path
 from .codec.rice import STEP_LADDER, encodable, ladder_step, rice_decode, rice_encode
 from .codec.gptq import _inverse_cholesky, encode_gptq
 from .codec.center import center_term, fit_center, MIN_ENERGY_REMOVED
@@ -202,6 +203,7 @@ class OutputDistortion:
         opts.log_severity_level = 3  # overriding initializers on purpose: ORT's warning about it is noise here
         if threads:
             opts.intra_op_num_threads = threads
+        opts.register_custom_ops_library(get_library_path())  # a split LM head merges its halves with RBEMergeColumns
         self.session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         self.output = self.session.get_outputs()[0].name
         self.is_logits = self.output == "logits"

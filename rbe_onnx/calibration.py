@@ -9,6 +9,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .library import get_library_path
+
 # numpy and onnx are imported where used: the CLI reads CALIBRATION_TOKENS for its help text, and its start-up
 # loads neither (about 0.13 s).
 if TYPE_CHECKING:
@@ -138,6 +140,7 @@ def activation_hessians(model: onnx.ModelProto, model_dir: Path, activations: li
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    opts.register_custom_ops_library(get_library_path())  # a split LM head merges its halves with RBEMergeColumns
     session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     from .runtime.feeds import check_kv_layout
 

@@ -173,8 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-split-vocab", action="store_true",
                    help="with --target-bpw, keep each token table whole instead of splitting it into the rows that "
                         "make up 95 %% of the calibration text and the rest, each coded at its own width "
-                        "(untied tables of at least 4096 rows, e.g. BERT's; a GPT-2 table tied to its logits "
-                        "is never split)")
+                        "(tables of at least 4096 rows; GPT-2's table tied to its logits is split on both sides)")
     r.add_argument("--fixed-tables", action="store_true",
                    help="with --target-bpw, code the tables that are only gathered (BERT's embeddings, GPT-2's "
                         "positions) with fixed-width codes instead of Rice codes (FORMAT.md §5.4), e.g. for "

@@ -7,6 +7,8 @@ is the teacher, on WikiText-2 valid (the calibration split):
 - BERT: the squared error of the last hidden states over the real tokens of paragraphs, relative to their
   energy (the sentence embedding that users pool is made of these states).
 The results are written back in the format's own precision: rho rounded to its 0.2 % steps, alpha to binary16.
+A token table split into frequent and rare rows (passes/split_vocab.py, GPT-2's tied one included) is held as
+encoded: the student sees its two halves decoded and put back together, and trains the rest around them.
 
 The torch model is rebuilt from the export's config.json and the ONNX initializers: GPT-2 as HF's
 GPT2LMHeadModel, BERT as the export's own graph module (rbe_onnx.export.bert.BertEncoderGraph).

@@ -7,22 +7,35 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import make_ort_session
+from rbe_onnx import get_library_path
 from rbe_onnx.passes.split_vocab import (METADATA_KEY, SPLIT_MIN_ROWS, assemble, hot_rows, recorded_splits,
                                          split_vocab_tables)
 
 V, D = 5000, 8
 
 
-def gather_model(table: np.ndarray, *, tied: bool = False, twice: bool = False) -> onnx.ModelProto:
-    """ids [b, s] -> Gather(table, ids); `tied`: also a MatMul on the table's transpose (an LM head);
-    `twice`: a second Gather reads the same table."""
+def gather_model(table: np.ndarray, *, tied: str = "", twice: bool = False) -> onnx.ModelProto:
+    """ids [b, s] -> Gather(table, ids); `tied`: also an LM head on the table, "matmul" (MatMul on its own
+    initializer holding the transpose, as GPT-2 exports), "gemm" (Gemm with transB=1 on it) or "shared head"
+    (that MatMul's weight also read by a second node); `twice`: a second Gather reads the same table."""
     nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"], name="/word/Gather")]
     inits = [numpy_helper.from_array(table, "table")]
     outputs = [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["b", "s", table.shape[1]])]
     if tied:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(table.T), "head"))
-        nodes.append(helper.make_node("MatMul", ["rows", "head"], ["logits"], name="/lm_head/MatMul"))
-        outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", table.shape[0]]))
+        if tied == "gemm":
+            inits.append(numpy_helper.from_array(table.copy(), "head"))
+            flat = helper.make_tensor("flat", TensorProto.INT64, [2], [-1, table.shape[1]])
+            nodes += [helper.make_node("Constant", [], ["flat"], value=flat),
+                      helper.make_node("Reshape", ["rows", "flat"], ["rows2d"]),
+                      helper.make_node("Gemm", ["rows2d", "head"], ["logits"], name="/lm_head/Gemm", transB=1)]
+            outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["bs", table.shape[0]]))
+        else:
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(table.T), "head"))
+            nodes.append(helper.make_node("MatMul", ["rows", "head"], ["logits"], name="/lm_head/MatMul"))
+            outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", table.shape[0]]))
+        if tied == "shared head":
+            nodes.append(helper.make_node("MatMul", ["rows", "head"], ["logits2"], name="/lm_head2/MatMul"))
+            outputs.append(helper.make_tensor_value_info("logits2", TensorProto.FLOAT, ["b", "s", table.shape[0]]))
     if twice:
         nodes.append(helper.make_node("Gather", ["table", "ids"], ["again"], name="/again/Gather"))
         outputs.append(helper.make_tensor_value_info("again", TensorProto.FLOAT, ["b", "s", table.shape[1]]))
@@ -75,11 +88,36 @@ def test_split_table_reads_the_same_rows_for_every_id(tmp_path):
         make_ort_session(path).run(["rows"], {"ids": np.array([[V]], np.int64)})
 
 
-def test_split_leaves_tied_shared_small_and_excluded_tables_whole():
+def test_split_tied_head_gives_the_same_logits(tmp_path):
+    """A table tied to a MatMul LM head (GPT-2's export) is split on both sides: the head's weight becomes the
+    halves' transposes, whose products are put back in vocabulary order; rows and logits are exactly the
+    original ones."""
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((V, D)).astype(np.float32)
+    model = gather_model(table, tied="matmul")
+    onnx.save(model, tmp_path / "whole.onnx")
+    (split,) = split_vocab_tables(model, zipf_counts(V), 0.9)
+    assert split.head == "head" and recorded_splits(model) == [split]
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert "head" not in init and "table" not in init
+    hot = init[split.mask].astype(bool)
+    np.testing.assert_array_equal(init["head.hot"], table[hot].T)
+    np.testing.assert_array_equal(init["head.cold"], table[~hot].T)
+    ids = np.concatenate([[-V, -1, 0, V - 1], rng.integers(-V, V, 252)]).reshape(4, 64)
+    onnx.save(model, tmp_path / "split.onnx")
+    whole, split_model = (make_ort_session(tmp_path / f"{n}.onnx", custom_op_library=get_library_path())
+                          for n in ("whole", "split"))
+    for want, got in zip(whole.run(None, {"ids": ids}), split_model.run(None, {"ids": ids})):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_split_leaves_shared_small_and_excluded_tables_whole():
     rng = np.random.default_rng(2)
     table = rng.standard_normal((V, D)).astype(np.float32)
     counts = zipf_counts(V)
-    for model in (gather_model(table, tied=True), gather_model(table, twice=True)):
+    # a Gemm head, a head weight two nodes read, a table two Gathers read
+    for model in (gather_model(table, tied="gemm"), gather_model(table, tied="shared head"),
+                  gather_model(table, twice=True)):
         assert split_vocab_tables(model, counts) == []
         assert "table" in {t.name for t in model.graph.initializer}
         assert not any(p.key == METADATA_KEY for p in model.metadata_props)
@@ -158,3 +196,83 @@ def test_target_bpw_codes_the_frequent_rows_apart(tiny_bert_onnx_dir, tmp_path):
     _, whole = rewrite(tiny_bert_onnx_dir / "model.onnx", tmp_path / "whole" / "model.onnx", target_bpw=6.0,
                        calibrate=True, progress=False, split_vocab=False)
     assert "/word/Gather" in {r.node for r in whole} and not any("/split/" in r.node for r in whole)
+
+
+def test_target_bpw_splits_a_tied_gpt2_table_and_stores_each_half_once(tiny_gpt2_onnx_dir, tmp_path):
+    """--target-bpw on a GPT-2 export splits the tied wte / lm_head: each half is one codes and one seeds
+    initializer read by both its RBEGather and its RBEFusedGemm, the logits stay in vocabulary order, and
+    --distill runs on it (the halves are then held as encoded, the projections and LayerNorms trained)."""
+    from rbe_onnx import rewrite
+    from rbe_onnx.compressor import totals
+    from rbe_onnx.runtime import Gpt2Shape, make_session
+    from rbe_onnx.runtime.feeds import prefill_feeds
+
+    out = tmp_path / "model.onnx"
+    model, rows = rewrite(tiny_gpt2_onnx_dir / "model.onnx", out, target_bpw=6.0, calibrate=True, progress=False,
+                          distill_steps=2)
+    assert totals(rows)["bits_per_weight"] <= 6.0 + 1e-6
+    (split,) = recorded_splits(model)
+    assert split.head and split.rows == 50257 and 0 < split.hot_rows < split.rows // 2
+    nodes = {n.name: n for n in model.graph.node}
+    for half in ("hot", "cold"):
+        gather, head = nodes[f"/wte/Gather/split/{half}"], nodes[f"/MatMul/split/{half}"]
+        assert gather.op_type == "RBEGather" and head.op_type == "RBEFusedGemm"
+        assert gather.input[1] == head.input[1] and gather.input[3] == head.input[4]  # codes, seeds: once
+    shape = Gpt2Shape.from_dir(tiny_gpt2_onnx_dir)
+    ids = np.random.default_rng(0).integers(0, 50257, (1, 16))
+    fp32 = make_session(tiny_gpt2_onnx_dir, threads=1).run(["logits"], prefill_feeds(shape, ids))[0]
+    logits = make_session(tmp_path, threads=1).run(["logits"], prefill_feeds(shape, ids))[0]
+    assert logits.shape == fp32.shape
+    # in vocabulary order: each position's logits follow fp32's over the whole vocabulary
+    assert min(np.corrcoef(a, b)[0, 1] for a, b in zip(logits[0], fp32[0])) > 0.9
+
+
+def merge_model(mask: np.ndarray, *, mask_as_input: bool = False) -> onnx.ModelProto:
+    # symbolic shapes, so that ORT's own input checks leave the wrong ones to the op
+    inputs = [helper.make_tensor_value_info("first", TensorProto.FLOAT, ["b", "s", "f"]),
+              helper.make_tensor_value_info("second", TensorProto.FLOAT, ["b2", "s2", "c"])]
+    inits = [numpy_helper.from_array(mask.astype(np.uint8), "from_first")]
+    if mask_as_input:
+        inputs.append(helper.make_tensor_value_info("from_first", TensorProto.UINT8, [len(mask)]))
+        inits = []
+    node = helper.make_node("RBEMergeColumns", ["first", "second", "from_first"], ["y"], name="/merge",
+                            domain="ai.rbe")
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.rbe", 1)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize("hot_share", [0.0, 0.18, 1.0])
+def test_merge_columns_puts_each_column_in_its_place(tmp_path, hot_share):
+    rng = np.random.default_rng(4)
+    mask = rng.random(V) < hot_share
+    onnx.save(merge_model(mask), tmp_path / "m.onnx")
+    session = make_ort_session(tmp_path / "m.onnx", custom_op_library=get_library_path())
+    for rows in ((1, 1), (3, 5)):  # one row (decode) and several (prefill, over the pool)
+        first = rng.standard_normal((*rows, int(mask.sum()))).astype(np.float32)
+        second = rng.standard_normal((*rows, int((~mask).sum()))).astype(np.float32)
+        want = np.empty((*rows, V), np.float32)
+        want[..., mask], want[..., ~mask] = first, second
+        np.testing.assert_array_equal(session.run(None, {"first": first, "second": second})[0], want)
+
+
+def test_merge_columns_refuses_a_bad_mask_or_shape(tmp_path):
+    from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
+    mask = np.zeros(10, np.uint8)
+    mask[[1, 4]] = 1
+    bad = mask.copy()
+    bad[7] = 2
+    for model, message in ((merge_model(bad), "0 or 1, found 2 at 7"),
+                           (merge_model(mask, mask_as_input=True), "constant initializer")):
+        onnx.save(model, tmp_path / "bad.onnx")
+        with pytest.raises((Fail, RuntimeException), match=message):
+            make_ort_session(tmp_path / "bad.onnx", custom_op_library=get_library_path())
+    onnx.save(merge_model(mask), tmp_path / "m.onnx")
+    session = make_ort_session(tmp_path / "m.onnx", custom_op_library=get_library_path())
+    with pytest.raises((Fail, InvalidArgument), match="end in 2 and 8 columns"):
+        session.run(None, {"first": np.zeros((1, 1, 3), np.float32), "second": np.zeros((1, 1, 8), np.float32)})
+    with pytest.raises((Fail, InvalidArgument), match="leading dimensions"):
+        session.run(None, {"first": np.zeros((1, 2, 2), np.float32), "second": np.zeros((1, 1, 8), np.float32)})

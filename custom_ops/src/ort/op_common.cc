@@ -65,17 +65,17 @@ int64_t int_attr(const OrtApi& api, const OrtKernelInfo* info, const char* name)
   return v;
 }
 
-// Node input `index` as a constant initializer, or a FormatError naming it: the weight inputs are read once,
-// at kernel creation, so they cannot change between runs.
+}  // namespace
+
+// The weight inputs are read once, at kernel creation, so they cannot change between runs.
 const OrtValue* constant_input(const OrtApi& api, const OrtKernelInfo* info, size_t index, const std::string& what,
-                               const char* why = "") {
+                               const char* why) {
   int is_constant = 0;
   const OrtValue* value = nullptr;
   check(api, api.KernelInfoGetConstantInput_tensor(info, index, &is_constant, &value));
   if (!is_constant || value == nullptr) throw FormatError(what + " must be a constant initializer" + why);
   return value;
 }
-}  // namespace
 
 int64_t TensorView::size() const {
   int64_t n = 1;

@@ -38,6 +38,10 @@ const T* tensor_data(const OrtApi& api, const OrtValue* value) {
   return static_cast<const T*>(raw_data(api, value));
 }
 
+// Node input `index` as a constant initializer, or a FormatError naming it (`what`, then `why`).
+const OrtValue* constant_input(const OrtApi& api, const OrtKernelInfo* info, size_t index, const std::string& what,
+                               const char* why = "");
+
 // K, N, block_size, bits, scale0 attributes + the constant uint8 codes input at `codes_index` + the optional
 // constant float32 [K] center input at `center_index` (FORMAT.md §5.1; absent or empty: none) + the seeds,
 // either the `seeds` attribute or the optional constant int64 input at `seeds_index` (§2.2), not both, + the

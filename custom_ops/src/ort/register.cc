@@ -7,6 +7,7 @@
 
 #include "rbe_fused_gemm.h"
 #include "rbe_gather.h"
+#include "rbe_merge_columns.h"
 
 namespace {
 // One domain for the life of the process: ORT does not take ownership, and sessions may outlive any
@@ -27,7 +28,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   if (g_domain == nullptr) {
     OrtCustomOpDomain* domain = nullptr;
     if (OrtStatus* st = api->CreateCustomOpDomain("ai.rbe", &domain)) return st;
-    for (const OrtCustomOp* op : {rbe::rbe_fused_gemm_op(), rbe::rbe_gather_op()}) {
+    for (const OrtCustomOp* op : {rbe::rbe_fused_gemm_op(), rbe::rbe_gather_op(), rbe::rbe_merge_columns_op()}) {
       if (OrtStatus* st = api->CustomOpDomain_Add(domain, op)) {
         api->ReleaseCustomOpDomain(domain);
         return st;
