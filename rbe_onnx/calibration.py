@@ -24,6 +24,8 @@ CALIBRATION_SPLIT = "valid"
 # --target-bpw 4.5 --rotate --outliers 0.005 (131072: 0.0056) and from 0.0303 to 0.0260 at --target-bpw 3.3
 # --rotate (BENCHMARKS.md, session 20).
 CALIBRATION_TOKENS = 65536
+# Batches whose xᵀx are summed in float32 before they are added into the float64 Hessian (_add_gram_upper).
+GRAM_BATCHES = 8
 
 
 def _check_split(split: str) -> None:
@@ -112,14 +114,47 @@ def token_counts(model_dir: Path, split: str = CALIBRATION_SPLIT, skip: list | N
     return counts
 
 
-def _gram_upper(x: np.ndarray) -> np.ndarray:
-    """The upper triangle of xᵀx for rows x (BLAS syrk, half a product's work, in float32: a batch's sum is
-    good to ~1e-6 relative, far inside GPTQ's 1 % dampening, and the caller sums the batches in float64).
-    In float64 with a full product, the sums took longer than the model runs that make the activations."""
+def _add_gram_upper(acc: np.ndarray, x: np.ndarray) -> None:
+    """acc += the upper triangle of xᵀx for rows x, in place (BLAS syrk, half a product's work, in float32 into
+    a Fortran-ordered float32 acc: a few batches' sum is good to ~1e-6 relative, far inside GPTQ's 1 %
+    dampening, and the caller moves it into float64 every GRAM_BATCHES batches). In float64 with a full
+    product, the sums took longer than the model runs that make the activations; moved into float64 batch by
+    batch, the K x K additions (with the padding copies) took a quarter of a GPT-2-small calibration."""
     import numpy as np
     from scipy.linalg.blas import ssyrk
 
-    return ssyrk(1.0, np.asarray(x, dtype=np.float32).T, trans=0)
+    out = ssyrk(1.0, np.asarray(x, dtype=np.float32).T, beta=1.0, c=acc, trans=0, overwrite_c=1)
+    if out is not acc:  # overwrite_c holds only for a Fortran-ordered float32 acc, which the caller gives
+        acc[...] = out
+
+
+def _outputs_only(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A copy of `model` whose outputs are the named tensors alone, without the nodes and initializers that
+    only fed the others: ORT runs every node of a graph whatever a run asks for (ref-gpt2, asked for its
+    projections' inputs alone: 0.34 s a batch whole, 0.10 s cut), and a language model's head is a large share
+    of its work (GPT-2-small: 30 % of the multiply-adds, ref-gpt2 80 %) and nothing the statistics read."""
+    import onnx
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    del graph.output[:]
+    graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs)
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node
+           for a in n.attribute):
+        return probe  # a subgraph may read outer names its node does not list: keep everything
+    wanted, keep = set(outputs), []
+    for node in reversed(graph.node):  # the nodes are in topological order
+        if wanted.intersection(node.output):
+            keep.append(node)
+            wanted.update(i for i in node.input if i)
+    kept_init = [t for t in graph.initializer if t.name in wanted]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_init)
+    kept_nodes = list(reversed(keep))
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    return probe
 
 
 def activation_hessians(model: onnx.ModelProto, model_dir: Path, activations: list[str],
@@ -131,12 +166,7 @@ def activation_hessians(model: onnx.ModelProto, model_dir: Path, activations: li
     import onnxruntime as ort
     from tqdm import tqdm
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
-    for name in activations:
-        if name not in known:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    probe = _outputs_only(model, activations)
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
@@ -146,16 +176,27 @@ def activation_hessians(model: onnx.ModelProto, model_dir: Path, activations: li
 
     check_kv_layout(session)
     hessians: dict[str, np.ndarray] = {}
-    for feeds, real in tqdm(calibration_batches(model_dir, tokens, batch), desc="calibrating", unit="batch",
-                            disable=not progress):
+    partial: dict[str, np.ndarray] = {}  # float32 sums of the last GRAM_BATCHES batches
+
+    def flush() -> None:
+        for name, acc in partial.items():
+            hessians.setdefault(name, np.zeros(acc.shape, np.float64))[...] += acc
+            acc[...] = 0.0
+
+    for i, (feeds, real) in enumerate(tqdm(calibration_batches(model_dir, tokens, batch), desc="calibrating",
+                                           unit="batch", disable=not progress)):
         outs = session.run(activations, feeds)
         keep = real.reshape(-1)
         for name, x in zip(activations, outs):
             x = x.reshape(-1, x.shape[-1])
-            x = x[keep] if x.shape[0] == keep.size else x
-            if name not in hessians:
-                hessians[name] = np.zeros((x.shape[-1], x.shape[-1]), np.float64)
-            hessians[name] += _gram_upper(x)
+            if x.shape[0] == keep.size and not keep.all():
+                x = x[keep]
+            if name not in partial:
+                partial[name] = np.zeros((x.shape[-1], x.shape[-1]), np.float32, order="F")
+            _add_gram_upper(partial[name], x)
+        if (i + 1) % GRAM_BATCHES == 0:
+            flush()
+    flush()
     for name, upper in hessians.items():
         hessians[name] = np.triu(upper) + np.triu(upper, 1).T
     return hessians

@@ -30,21 +30,25 @@ def test_gptq_lowers_output_error_on_correlated_inputs():
 @pytest.mark.parametrize("model_dir", ["tiny_gpt2_onnx_dir", "tiny_bert_onnx_dir"])
 def test_hessians_are_the_float64_sums_over_real_tokens(model_dir, request):
     """The single-precision syrk sums match xᵀx taken in float64 over the same activations, padding left out
-    (BERT batches are padded per batch), and come out whole and symmetric."""
+    (BERT batches are padded per batch), and come out whole and symmetric. One sequence a batch, so that the
+    float32 partial sums are moved into float64 more than once (every GRAM_BATCHES batches)."""
     import onnx
     import onnxruntime as ort
 
+    from rbe_onnx.calibration import GRAM_BATCHES
     from rbe_onnx.passes import find_candidates
 
     model_dir = request.getfixturevalue(model_dir)
     model = onnx.load(str(model_dir / "model.onnx"))
     names = sorted({c.node.input[0] for c in find_candidates(model, None, embeddings=False) if c.eligible})[:3]
-    H = activation_hessians(model, model_dir, names, tokens=1024, progress=False)
+    batches = calibration_batches(model_dir, 3072, batch=1)
+    assert len(batches) > 2 * GRAM_BATCHES
+    H = activation_hessians(model, model_dir, names, tokens=3072, batch=1, progress=False)
     for name in names:
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     expected = {name: 0.0 for name in names}
-    for feeds, real in calibration_batches(model_dir, 1024):
+    for feeds, real in batches:
         for name, x in zip(names, session.run(names, feeds)):
             x = x.reshape(-1, x.shape[-1])[real.reshape(-1)].astype(np.float64)
             expected[name] = expected[name] + x.T @ x
@@ -52,6 +56,33 @@ def test_hessians_are_the_float64_sums_over_real_tokens(model_dir, request):
         np.testing.assert_array_equal(H[name], H[name].T)
         assert H[name].dtype == np.float64
         assert np.abs(H[name] - expected[name]).max() <= 1e-5 * np.abs(expected[name]).max(), name
+
+
+def test_statistics_graph_keeps_only_what_feeds_the_activations(tiny_gpt2_onnx_dir):
+    """The calibration runs a copy of the graph cut down to the nodes the activations need: GPT-2's LM head is
+    left out, and the activations come out as the whole graph computes them."""
+    import onnx
+    import onnxruntime as ort
+
+    from rbe_onnx.calibration import _outputs_only
+    from rbe_onnx.passes import find_candidates
+
+    model = onnx.load(str(tiny_gpt2_onnx_dir / "model.onnx"))
+    candidates = [c for c in find_candidates(model, None, embeddings=False) if c.eligible]
+    head = next(c for c in candidates if "logits" in c.node.output)
+    names = sorted({c.node.input[0] for c in candidates})
+    probe = _outputs_only(model, names)
+    assert [o.name for o in probe.graph.output] == names
+    assert head.node.name not in {n.name for n in probe.graph.node}
+    assert "logits" not in {o for n in probe.graph.node for o in n.output}
+    assert {t.name for t in probe.graph.initializer} < {t.name for t in model.graph.initializer}
+    for name in names:
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    whole = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    cut = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds, _ = calibration_batches(tiny_gpt2_onnx_dir, 256, batch=1)[0]
+    for a, b in zip(whole.run(names, feeds), cut.run(names, feeds)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_calibration_refuses_the_test_split(tiny_gpt2_onnx_dir):

@@ -20,13 +20,20 @@ from .weight import RBEWeight
 
 def _inverse_cholesky(H: np.ndarray, damp: float) -> np.ndarray:
     """Upper Cholesky factor of H⁻¹ (after dampening), as GPTQ uses it."""
+    from scipy.linalg.lapack import dtrtri
+
     H = H.astype(np.float64, copy=True)
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0  # inputs that never fire: their rows cannot matter, keep H invertible
     H[np.diag_indices_from(H)] += damp * np.mean(np.diag(H))
-    L = np.linalg.cholesky(H)
-    Hinv = np.linalg.inv(L).T @ np.linalg.inv(L)
-    return np.linalg.cholesky(Hinv).T
+    # With P the order-reversing permutation and P·H·P = L·Lᵀ, U = P·L⁻¹·P is upper triangular and
+    # UᵀU = P·L⁻ᵀ·L⁻¹·P = H⁻¹: one Cholesky and one triangular inverse, where forming H⁻¹ and factoring it took
+    # 8-20x as long (3072 x 3072: 4-12 s against 0.55 s).
+    L = np.linalg.cholesky(H[::-1, ::-1])
+    L_inv, info = dtrtri(np.asfortranarray(L), lower=1, overwrite_c=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"triangular inverse failed (LAPACK info {info})")
+    return np.ascontiguousarray(L_inv[::-1, ::-1])
 
 
 def encode_gptq(W: np.ndarray, H: np.ndarray, bits: int = 4, block_size: int = 64,
