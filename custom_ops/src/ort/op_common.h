@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -68,5 +69,29 @@ void init_op_defaults(OrtCustomOp& op);
 // Runs f, turning every exception into an OrtStatus prefixed with the op and node: nothing may unwind
 // into ORT.
 OrtStatus* guarded(const OrtApi* api, const char* op, const std::string& node, const std::function<void()>& f);
+
+// The kernel entry points of an op whose kernel K holds `const OrtApi* api` and `std::string name`: Create
+// fills a new K once those are set, Compute runs it, and no exception reaches ORT (guarded, naming kOpName
+// and the node). ORT takes plain function pointers, hence template parameters rather than captures.
+template <typename K, const char* kOpName, void (*Create)(K&, const OrtApi&, const OrtKernelInfo*),
+          void (*Compute)(K&, OrtKernelContext*)>
+void set_kernel_functions(OrtCustomOp& op) {
+  op.CreateKernelV2 = [](const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** out) -> OrtStatus* {
+    *out = nullptr;
+    const std::string name = node_name(*api, info);
+    return guarded(api, kOpName, name, [&] {
+      auto kernel = std::make_unique<K>();
+      kernel->api = api;
+      kernel->name = name;
+      Create(*kernel, *api, info);
+      *out = kernel.release();
+    });
+  };
+  op.KernelComputeV2 = [](void* k, OrtKernelContext* ctx) -> OrtStatus* {
+    K& kernel = *static_cast<K*>(k);
+    return guarded(kernel.api, kOpName, kernel.name, [&] { Compute(kernel, ctx); });
+  };
+  op.KernelDestroy = [](void* k) { delete static_cast<K*>(k); };
+}
 
 }  // namespace rbe

@@ -32,17 +32,13 @@ int accuracy_level_attr(const OrtApi& api, const OrtKernelInfo* info) {
   return static_cast<int>(v);
 }
 
-Kernel* create_kernel(const OrtApi& api, const OrtKernelInfo* info, const std::string& name) {
-  auto kernel = std::make_unique<Kernel>();
-  kernel->api = &api;
-  kernel->name = name;
-  kernel->weight = read_weight(api, info, 1, 3, 4, 5);
-  kernel->accuracy_level = accuracy_level_attr(api, info);
+void create(Kernel& kernel, const OrtApi& api, const OrtKernelInfo* info) {
+  kernel.weight = read_weight(api, info, 1, 3, 4, 5);
+  kernel.accuracy_level = accuracy_level_attr(api, info);
   const char* forced = std::getenv("RBE_ISA");
-  kernel->isa = isa_from_name(forced && *forced ? forced : "auto");
-  if (!isa_available(kernel->isa))
+  kernel.isa = isa_from_name(forced && *forced ? forced : "auto");
+  if (!isa_available(kernel.isa))
     throw FormatError(std::string("RBE_ISA=") + forced + " is not available on this CPU");
-  return kernel.release();
 }
 
 struct PoolTask {
@@ -103,10 +99,12 @@ void compute(Kernel& k, OrtKernelContext* ctx) {
   gemm(k.weight, tensor_data<float>(api, a_value), M, bias, y, k.isa, pool, k.accuracy_level);
 }
 
+constexpr char kOpName[] = "RBEFusedGemm";
+
 struct RbeFusedGemmOp : OrtCustomOp {
   RbeFusedGemmOp() : OrtCustomOp{} {
     init_op_defaults(*this);
-    GetName = [](const OrtCustomOp*) { return "RBEFusedGemm"; };
+    GetName = [](const OrtCustomOp*) { return kOpName; };
     // A, codes, bias (optional), center (optional, FORMAT.md §5.1), seeds (optional, §2.2), outliers
     // (optional, §5.2).
     GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 6; };
@@ -117,17 +115,7 @@ struct RbeFusedGemmOp : OrtCustomOp {
     GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
       return i >= 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
     };
-    CreateKernelV2 = [](const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
-                        void** out) -> OrtStatus* {
-      *out = nullptr;
-      const std::string name = node_name(*api, info);
-      return guarded(api, "RBEFusedGemm", name, [&] { *out = create_kernel(*api, info, name); });
-    };
-    KernelComputeV2 = [](void* k, OrtKernelContext* ctx) -> OrtStatus* {
-      Kernel& kernel = *static_cast<Kernel*>(k);
-      return guarded(kernel.api, "RBEFusedGemm", kernel.name, [&] { compute(kernel, ctx); });
-    };
-    KernelDestroy = [](void* k) { delete static_cast<Kernel*>(k); };
+    set_kernel_functions<Kernel, kOpName, create, compute>(*this);
   }
 };
 

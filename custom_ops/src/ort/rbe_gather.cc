@@ -64,10 +64,30 @@ void compute(GatherKernel& k, OrtKernelContext* ctx) {
   }
 }
 
+void create(GatherKernel& kernel, const OrtApi& api, const OrtKernelInfo* info) {
+  kernel.rice = read_coding(api, info) == 1;
+  if (kernel.rice) {
+    kernel.table = read_rice_table(api, info, 1, 2, 3, 4, 5);
+    kernel.K = kernel.table.K;
+    kernel.N = kernel.table.N;
+  } else {
+    if (!input_name(api, info, 5).empty())
+      throw FormatError("input 'lengths' given without coding=1 (it belongs to a Rice-coded table)");
+    kernel.weight = read_weight(api, info, 1, 2, 3, 4);
+    kernel.K = kernel.weight.shape.K;
+    kernel.N = kernel.weight.shape.N;
+  }
+  // A rotated weight stores Qᵀ·W: its columns are not the table's rows (FORMAT.md §5.3).
+  if (optional_int_attr(api, info, "rotation").value_or(0) != 0)
+    throw FormatError("attribute 'rotation' is for RBEFusedGemm only: a gathered table is stored unrotated");
+}
+
+constexpr char kOpName[] = "RBEGather";
+
 struct RbeGatherOp : OrtCustomOp {
   RbeGatherOp() : OrtCustomOp{} {
     init_op_defaults(*this);
-    GetName = [](const OrtCustomOp*) { return "RBEGather"; };
+    GetName = [](const OrtCustomOp*) { return kOpName; };
     // indices, codes, center (optional, FORMAT.md §5.1), seeds (optional, §2.2), outliers (optional, §5.2),
     // lengths (optional, §5.4).
     GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 6; };
@@ -80,37 +100,7 @@ struct RbeGatherOp : OrtCustomOp {
     GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
       return i >= 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
     };
-    CreateKernelV2 = [](const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
-                        void** out) -> OrtStatus* {
-      *out = nullptr;
-      const std::string name = node_name(*api, info);
-      return guarded(api, "RBEGather", name, [&] {
-        auto kernel = std::make_unique<GatherKernel>();
-        kernel->api = api;
-        kernel->name = name;
-        kernel->rice = read_coding(*api, info) == 1;
-        if (kernel->rice) {
-          kernel->table = read_rice_table(*api, info, 1, 2, 3, 4, 5);
-          kernel->K = kernel->table.K;
-          kernel->N = kernel->table.N;
-        } else {
-          if (!input_name(*api, info, 5).empty())
-            throw FormatError("input 'lengths' given without coding=1 (it belongs to a Rice-coded table)");
-          kernel->weight = read_weight(*api, info, 1, 2, 3, 4);
-          kernel->K = kernel->weight.shape.K;
-          kernel->N = kernel->weight.shape.N;
-        }
-        // A rotated weight stores Qᵀ·W: its columns are not the table's rows (FORMAT.md §5.3).
-        if (optional_int_attr(*api, info, "rotation").value_or(0) != 0)
-          throw FormatError("attribute 'rotation' is for RBEFusedGemm only: a gathered table is stored unrotated");
-        *out = kernel.release();
-      });
-    };
-    KernelComputeV2 = [](void* k, OrtKernelContext* ctx) -> OrtStatus* {
-      GatherKernel& kernel = *static_cast<GatherKernel*>(k);
-      return guarded(kernel.api, "RBEGather", kernel.name, [&] { compute(kernel, ctx); });
-    };
-    KernelDestroy = [](void* k) { delete static_cast<GatherKernel*>(k); };
+    set_kernel_functions<GatherKernel, kOpName, create, compute>(*this);
   }
 };
 

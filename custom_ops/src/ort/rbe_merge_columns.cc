@@ -106,31 +106,17 @@ void compute(MergeKernel& k, OrtKernelContext* ctx) {
   check(api, api.KernelContext_ParallelFor(ctx, &Task::run, static_cast<size_t>(rows), 0, &task));
 }
 
+constexpr char kOpName[] = "RBEMergeColumns";
+
 struct RbeMergeColumnsOp : OrtCustomOp {
   RbeMergeColumnsOp() : OrtCustomOp{} {
     init_op_defaults(*this);
-    GetName = [](const OrtCustomOp*) { return "RBEMergeColumns"; };
+    GetName = [](const OrtCustomOp*) { return kOpName; };
     GetInputTypeCount = [](const OrtCustomOp*) -> size_t { return 3; };  // first, second, from_first
     GetInputType = [](const OrtCustomOp*, size_t i) {
       return i == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     };
-    CreateKernelV2 = [](const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info,
-                        void** out) -> OrtStatus* {
-      *out = nullptr;
-      const std::string name = node_name(*api, info);
-      return guarded(api, "RBEMergeColumns", name, [&] {
-        auto kernel = std::make_unique<MergeKernel>();
-        kernel->api = api;
-        kernel->name = name;
-        read_mask(*kernel, *api, info);
-        *out = kernel.release();
-      });
-    };
-    KernelComputeV2 = [](void* k, OrtKernelContext* ctx) -> OrtStatus* {
-      MergeKernel& kernel = *static_cast<MergeKernel*>(k);
-      return guarded(kernel.api, "RBEMergeColumns", kernel.name, [&] { compute(kernel, ctx); });
-    };
-    KernelDestroy = [](void* k) { delete static_cast<MergeKernel*>(k); };
+    set_kernel_functions<MergeKernel, kOpName, read_mask, compute>(*this);
   }
 };
 
