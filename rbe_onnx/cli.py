@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rewrite", help="replace MatMul/Gemm with RBEFusedGemm")
     r.add_argument("model", help="input model.onnx")
     r.add_argument("-o", "--output", help="output .onnx (default: <input>.rbe.onnx)")
-    r.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+    r.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 5, 6, 8))
     r.add_argument("--block-size", type=int, default=64, choices=(32, 64, 128, 256))
     r.add_argument("--exclude", help="regex: nodes or weights whose name matches stay fp32")
     r.add_argument("--keep-embeddings", action="store_true",

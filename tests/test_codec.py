@@ -34,7 +34,7 @@ def test_seed_fields_round_trip():
     assert not unpack_seeds(pack_seeds(rho, theta, offset, 3))["alpha"].view(np.uint32).any()
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("block_size", [32, 64, 128, 256])
 def test_packing_round_trip(bits, block_size):
     codes = np.random.default_rng(bits).integers(0, 1 << bits, (7, block_size)).astype(np.uint8)
@@ -104,11 +104,17 @@ def test_level_tables_match_cpp_and_are_distinct():
             assert list(table) == _kernels.level_table(bits, theta)
             assert len(set(table.tolist())) == len(table), (bits, theta)
             assert table.min() == -127 and table.max() == 127
-    assert list(levels(8, UNIFORM_THETA)) == _kernels.level_table(8, UNIFORM_THETA)
+    for bits in (5, 6, 8):  # one uniform table: L + 128 is the code shifted to 8 bits, centred in its step
+        table = levels(bits, UNIFORM_THETA)
+        assert list(table) == _kernels.level_table(bits, UNIFORM_THETA)
+        step = 1 << (8 - bits)
+        assert np.array_equal(table + 128, np.arange(1 << bits) * step + step // 2 * (bits < 8))
+        with pytest.raises(ValueError, match="uniform codebook"):
+            levels(bits, UNIFORM_THETA + 1)
 
 
 @pytest.mark.parametrize("bits,block_size", [(2, 64), (3, 32), (3, 64), (3, 128), (3, 256), (4, 32), (4, 64),
-                                             (8, 256)])
+                                             (5, 32), (5, 128), (6, 64), (6, 256), (8, 256)])
 def test_cpp_decoder_is_bit_exact_with_numpy(bits, block_size):
     W = np.random.default_rng(1).standard_normal((300, 45)).astype(np.float32) * 0.03
     w = encode(W, bits=bits, block_size=block_size)
@@ -118,7 +124,7 @@ def test_cpp_decoder_is_bit_exact_with_numpy(bits, block_size):
 
 def test_encode_error_shrinks_with_bits():
     W = np.random.default_rng(2).standard_normal((512, 64)).astype(np.float32)
-    errors = [np.mean((decode(encode(W, bits=b, block_size=64)) - W) ** 2) for b in (2, 3, 4, 8)]
+    errors = [np.mean((decode(encode(W, bits=b, block_size=64)) - W) ** 2) for b in (2, 3, 4, 5, 6, 8)]
     assert errors == sorted(errors, reverse=True)
     assert errors[-1] < 1e-4 * np.mean(W ** 2)  # 8 bits: ~ (range/255)^2 / 12
 
@@ -159,7 +165,7 @@ def _weight(**changes) -> RBEWeight:
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(bits=5), "bits=5 unsupported"),
+    (dict(bits=7), "bits=7 unsupported"),
     (dict(block_size=48), "block_size=48 unsupported"),
     (dict(K=0), "K=0 out of range"),
     (dict(scale0=float("nan")), "scale0"),
@@ -225,3 +231,16 @@ def test_center_is_taken_only_where_it_lowers_the_error(shared_data):
             assert np.linalg.norm(decode(centered) - W) < np.linalg.norm(decode(plain) - W), name
             used.append(name)
     assert 0 < len(used) <= 2, used
+
+
+@pytest.mark.parametrize("bits", [5, 6, 8])
+def test_uniform_widths_refuse_another_theta(bits):
+    """5-, 6- and 8-bit codes have one table (§5): a seed with theta != 4 is refused by both decoders."""
+    w = encode(np.random.default_rng(bits).standard_normal((64, 3)).astype(np.float32), bits=bits, block_size=32)
+    fields = unpack_seeds(w.seeds)
+    fields["theta"][1, 0] = UNIFORM_THETA + 1
+    bad = dataclasses.replace(w, seeds=pack_seeds(fields["rho"], fields["theta"], fields["offset"], bits))
+    with pytest.raises(ValueError, match=f"theta != {UNIFORM_THETA} with {bits}-bit codes"):
+        decode(bad)
+    with pytest.raises(ValueError, match="theta != 4 with 5-, 6- or 8-bit codes"):
+        _kernels.Weight(bad.seeds, bad.codes, bad.K, bad.N, bad.block_size, bad.bits, bad.scale0)

@@ -54,7 +54,7 @@ def test_rows_equal_numpy_decode_for_any_index_shape(tmp_path):
     assert np.array_equal(rows, decoded[ids])
 
 
-@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
 def test_rows_with_center_equal_numpy_decode_bit_for_bit(tmp_path, bits):
     """Each row is d·(L+o) + α·c per block (§5.1), the same float32 bits as the numpy decoder's."""
     table = np.random.default_rng(bits).standard_normal((300, 100)).astype(np.float32)  # K=100: a tail block

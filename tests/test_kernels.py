@@ -17,7 +17,7 @@ def test_this_machine_has_a_simd_kernel():
     assert SIMD, "no SIMD kernel available: the CI machine has AVX2+FMA"
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("block_size", [32, 64, 128, 256])
 @pytest.mark.parametrize("K,N", [(256, 48), (77, 19), (1000, 33)])
 def test_gemm_matches_numpy_decode(bits, block_size, K, N):
@@ -91,7 +91,7 @@ def quantize_int8_spec(A: np.ndarray, block_size: int):
     return q.reshape(M, -1), scale, q.astype(np.int32).sum(-1)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_int8_activation_path_matches_its_spec(bits):
     """accuracy_level=4: the exact product of the int8-quantized activations with the decoded weight."""
     rng = np.random.default_rng(bits)
@@ -152,7 +152,8 @@ def alpha_of(w: RBEWeight) -> np.ndarray:
     return bits16.view(np.float16).astype(np.float32)
 
 
-@pytest.mark.parametrize("bits,block_size", [(2, 64), (3, 128), (4, 32), (4, 64), (8, 256), (3, 32)])
+@pytest.mark.parametrize("bits,block_size", [(2, 64), (3, 128), (4, 32), (4, 64), (5, 128), (6, 32), (8, 256),
+                                             (3, 32)])
 @pytest.mark.parametrize("K,N", [(300, 45), (64, 7), (1, 3)])
 def test_cpp_decoder_with_center_is_bit_exact_with_numpy(bits, block_size, K, N):
     rng = np.random.default_rng(bits * 100 + block_size + K)
@@ -163,7 +164,7 @@ def test_cpp_decoder_with_center_is_bit_exact_with_numpy(bits, block_size, K, N)
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("block_size", [32, 64, 256])
 @pytest.mark.parametrize("K,N", [(256, 48), (77, 19), (1000, 33), (1, 5)])
 def test_gemm_with_center_matches_numpy_decode(bits, block_size, K, N):

@@ -48,7 +48,7 @@ def session(path):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(drop=("seeds",)), "missing attribute 'seeds'"),
     (dict(drop=("K",)), "attribute 'K'"),
-    (dict(bits=5), "bits=5 unsupported"),
+    (dict(bits=7), "bits=7 unsupported"),
     (dict(block_size=48), "block_size=48 unsupported"),
     (dict(K=0), "K=0 out of range"),
     (dict(N=-3), "N=-3 out of range"),

@@ -159,11 +159,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     bs = in.take<int64_t>();
     bits = in.take<int64_t>();
   } else {
-    static const int64_t kBlocks[] = {32, 64, 128, 256}, kBits[] = {2, 3, 4, 8};
+    // 5 and 6 after 8, so that the seed corpus's width bytes keep their meaning.
+    static const int64_t kBlocks[] = {32, 64, 128, 256}, kBits[] = {2, 3, 4, 8, 5, 6};
     K = 1 + in.take<uint16_t>() % 2048;
     N = 1 + in.take<uint8_t>() % 96;
     bs = kBlocks[in.take<uint8_t>() % 4];
-    bits = kBits[in.take<uint8_t>() % 4];
+    bits = kBits[in.take<uint8_t>() % 6];
   }
   float scale0;
   if (flags & kRawScale) scale0 = in.take<float>();
@@ -216,7 +217,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
                                       static_cast<uint64_t>(rbe_ref::make_seed(0, 4, 0, width)));
     } else {
       const uint64_t r = rng.next();
-      seeds[i] = rbe_ref::make_seed(static_cast<uint32_t>(r % 1536), bits == 8 ? 4 : (r >> 16) % 16,
+      seeds[i] = rbe_ref::make_seed(static_cast<uint32_t>(r % 1536), rbe_ref::uniform_bits(bits) ? 4 : (r >> 16) % 16,
                                     static_cast<int>((r >> 24) % 256) - 128, width);
       if (out_options & kRandomCounts)
         seeds[i] = rbe_ref::with_outliers(seeds[i],

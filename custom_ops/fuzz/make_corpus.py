@@ -18,7 +18,7 @@ import numpy as np
 
 RAW_SHAPE, RAW_SCALE, BIAS, SEED_DELTA, CODE_DELTA, NAN_IN_A, INF_IN_A, OUTLIERS = 1, 2, 4, 8, 16, 32, 64, 128
 DERIVE, RANDOM_COUNTS, INT8, ROTATE = 1, 2, 4, 8  # the OUTLIERS options byte
-BLOCKS, BITS = (32, 64, 128, 256), (2, 3, 4, 8)
+BLOCKS, BITS = (32, 64, 128, 256), (2, 3, 4, 8, 5, 6)  # the fuzzer's order (fuzz_prepare.cc)
 TAG, TAG_ROTATED = 0xB2, 0xB3
 
 
@@ -133,6 +133,8 @@ def corpus() -> dict[str, bytes]:
     valid("valid-b4-bs256-K5-N3-M1-tail", 5, 3, 4, 256, M=1)
     valid("valid-b2-bs64-K130-N40-M4-nan", 130, 40, 2, 64, M=4, flags=NAN_IN_A)
     valid("valid-b3-bs32-K96-N33-M2-inf", 96, 33, 3, 32, M=2, flags=INF_IN_A)
+    valid("valid-b5-bs128-K200-N17-M3", 200, 17, 5, 128, M=3)
+    valid("valid-b6-bs64-K100-N24-M2-bias", 100, 24, 6, 64, M=2, flags=BIAS)
     # Seeds left to the fuzzer's PRNG (valid, varied theta/offset), codes too: a large-ish weight in 14 bytes.
     files["valid-prng-b4-bs128-K2048-N96-M1"] = make_input(K=2048, N=96, block_size=128, bits=4, M=1, prng=7)
     files["valid-prng-b8-bs32-K777-N65-M7"] = make_input(K=777, N=65, block_size=32, bits=8, M=7, prng=3)
@@ -166,7 +168,7 @@ def corpus() -> dict[str, bytes]:
     # rho = 65535 puts d = s0·e^128 past float32 for any ordinary s0.
     broken("invalid-scale-overflow", field_or=0xFFFF, index=7, scale0=1e-3)
     outlier_cases(files)
-    for name, shape in {"invalid-K0": (0, 8, 64, 4), "invalid-bits5": (64, 8, 64, 5),
+    for name, shape in {"invalid-K0": (0, 8, 64, 4), "invalid-bits7": (64, 8, 64, 7),
                         "invalid-block48": (96, 8, 48, 4), "invalid-K-too-large": ((1 << 24) + 1, 8, 64, 4),
                         "invalid-N-negative": (64, -3, 64, 4), "invalid-K-int64-max": (2**63 - 1, 2**63 - 1, 256, 8),
                         "huge-valid-shape-short-buffers": (1 << 24, 1 << 24, 32, 8)}.items():

@@ -83,7 +83,9 @@ constexpr int64_t kOutlierRecordBytes = 3;
 inline uint32_t record_row(const uint8_t* rec) { return rec[0]; }
 inline uint32_t record_half(const uint8_t* rec) { return uint32_t{rec[1]} | uint32_t{rec[2]} << 8; }
 
-inline bool bits_ok(int64_t b) { return b == 2 || b == 3 || b == 4 || b == 8; }
+inline bool bits_ok(int64_t b) { return b == 2 || b == 3 || b == 4 || b == 5 || b == 6 || b == 8; }
+// §5: the widths with one uniform table, where theta must be 4.
+inline bool uniform_bits(int64_t b) { return b == 5 || b == 6 || b == 8; }
 inline bool block_ok(int64_t s) { return s == 32 || s == 64 || s == 128 || s == 256; }
 inline bool shape_ok(int64_t K, int64_t N, int64_t bs, int64_t bits, float scale0) {
   const int64_t max_dim = int64_t{1} << 24;
@@ -125,7 +127,7 @@ inline std::string invalid_reason(int64_t K, int64_t N, int64_t bs, int64_t bits
     if (f.outliers > static_cast<uint64_t>(bs)) return "outlier count above block_size";
     if (!half_finite(f.alpha_bits)) return "alpha not finite";
     if (f.alpha_bits != 0 && center == nullptr) return "alpha without center";
-    if (bits == 8 && f.theta != 4) return "theta with 8 bits";
+    if (uniform_bits(bits) && f.theta != 4) return "theta with 5, 6 or 8 bits";
     if (!std::isfinite(block_scale(scale0, f.rho))) return "scale overflow";
   }
   if (outliers == nullptr) return "";
@@ -157,10 +159,13 @@ inline int code_at(const uint8_t* block, int bits, int64_t bs, int i) {
   }
   const uint8_t* g = block + (i / 32) * 4 * bits;
   const int t = i % 32;
+  if (bits == 8) return g[t];
+  if (bits == 2) return (g[t % 8] >> (2 * (t / 8))) & 3;
+  const int nibble = t < 16 ? (g[t] & 0xF) : (g[t - 16] >> 4);  // 4, 5 and 6 bits: the 4-bit layout first
   switch (bits) {
-    case 8: return g[t];
-    case 4: return t < 16 ? (g[t] & 0xF) : (g[t - 16] >> 4);
-    default: return (g[t % 8] >> (2 * (t / 8))) & 3;
+    case 5: return nibble | ((g[16 + t / 8] >> (t % 8)) & 1) << 4;
+    case 6: return nibble | ((g[16 + t % 8] >> (2 * (t / 8))) & 3) << 4;
+    default: return nibble;
   }
 }
 
@@ -226,7 +231,7 @@ inline Product reference_gemm(int64_t K, int64_t N, int64_t bs, int bits, float 
     for (int64_t k = 0; k < K; ++k) Acode[m * K + k] = q.empty() ? A[m * K + k] : q[k];
   }
   std::vector<std::vector<int>> tables(16);
-  for (int t = 0; t < 16; ++t) tables[t] = rbe::level_table(bits, bits == 8 ? 4 : t);
+  for (int t = 0; t < 16; ++t) tables[t] = rbe::level_table(bits, uniform_bits(bits) ? 4 : t);
   // Per column: wcode the codes' d·(L + o), wval the weight without its center term (v at an outlier, else
   // wcode), wcenter α·c_k; wmag bounds the magnitude of every term a kernel may form at k (an outlier's
   // correction subtracts d·(L + o) from v, so both count).

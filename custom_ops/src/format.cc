@@ -44,13 +44,15 @@ float half_to_float(uint16_t h) {
   return (h & 0x8000u) ? -v : v;  // negation keeps -0 (a nonzero alpha pattern, §6)
 }
 
-bool is_supported_bits(int64_t b) { return b == 2 || b == 3 || b == 4 || b == 8; }
+bool is_supported_bits(int64_t b) { return (b >= 2 && b <= 6) || b == 8; }
+bool has_uniform_table(int64_t bits) { return bits >= 5; }
 bool is_supported_block_size(int64_t s) { return s == 32 || s == 64 || s == 128 || s == 256; }
 
 std::vector<int> level_table(int bits, int theta) {
   std::vector<int> table;
-  if (bits == 8) {
-    for (int c = 0; c < 256; ++c) table.push_back(c - 128);
+  if (has_uniform_table(bits)) {  // §5: L[c] + 128 is the code shifted to 8 bits, centred in its step
+    const int step = 1 << (8 - bits), base = bits < 8 ? step / 2 : 0;
+    for (int c = 0; c < (1 << bits); ++c) table.push_back(step * c + base - 128);
     return table;
   }
   const int n = 1 << bits;
@@ -121,7 +123,7 @@ void prepare_outliers(PreparedWeight& w, const uint8_t* records, int64_t n_bytes
 
 void validate_shape(const WeightShape& s) {
   std::ostringstream m;
-  if (!is_supported_bits(s.bits)) { m << "bits=" << s.bits << " unsupported (2, 3, 4 or 8)"; fail(m.str()); }
+  if (!is_supported_bits(s.bits)) { m << "bits=" << s.bits << " unsupported (2, 3, 4, 5, 6 or 8)"; fail(m.str()); }
   if (!is_supported_block_size(s.block_size)) {
     m << "block_size=" << s.block_size << " unsupported (32, 64, 128 or 256)"; fail(m.str());
   }
@@ -197,7 +199,7 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
     else if (f.outliers > static_cast<uint32_t>(shape.block_size)) bad = "outlier count above block_size";
     else if ((f.alpha_bits & 0x7C00u) == 0x7C00u) bad = "alpha is not finite";
     else if (f.alpha_bits != 0 && !has_center) bad = "alpha nonzero but the node has no center vector";
-    else if (shape.bits == 8 && f.theta != kUniformTheta) bad = "theta != 4 with 8-bit codes";
+    else if (has_uniform_table(shape.bits) && f.theta != kUniformTheta) bad = "theta != 4 with 5-, 6- or 8-bit codes";
     if (bad) {
       std::ostringstream m;
       m << "seed [" << i / nb << ", " << i % nb << "]: " << bad;
@@ -217,8 +219,8 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
   }
   w.levels.resize(kThetaSteps);
   for (int t = 0; t < kThetaSteps; ++t) {
-    w.levels[t] = level_table(static_cast<int>(shape.bits), shape.bits == 8 ? kUniformTheta : t);
-    if (shape.bits == 8) continue;
+    w.levels[t] = level_table(static_cast<int>(shape.bits), has_uniform_table(shape.bits) ? kUniformTheta : t);
+    if (shape.bits > 4) continue;  // lut and lut_vnni are the 2/3/4-bit kernels' lookups
     for (size_t c = 0; c < w.levels[t].size(); ++c) w.lut[t][c] = static_cast<int8_t>(w.levels[t][c]);
     for (size_t c = 0; c < 64; ++c) w.lut_vnni[t][c] = static_cast<uint8_t>(w.levels[t][c % w.levels[t].size()] + 128);
   }
@@ -274,6 +276,15 @@ void unpack_block_codes(const uint8_t* block, int bits, int block_size, uint8_t*
       case 2:
         for (int j = 0; j < 8; ++j)
           for (int q = 0; q < 4; ++q) o[j + 8 * q] = (p[j] >> (2 * q)) & 3;
+        break;
+      case 5:  // 16 bytes of nibbles as 4-bit codes, then bit t of the 4 bytes (little-endian) is bit 4 of code t
+        for (int j = 0; j < 16; ++j) { o[j] = p[j] & 0xF; o[j + 16] = p[j] >> 4; }
+        for (int t = 0; t < kGroup; ++t) o[t] |= ((p[16 + t / 8] >> (t % 8)) & 1) << 4;
+        break;
+      case 6:  // 16 bytes of nibbles as 4-bit codes, then 8 bytes of the top two bits as 2-bit codes
+        for (int j = 0; j < 16; ++j) { o[j] = p[j] & 0xF; o[j + 16] = p[j] >> 4; }
+        for (int j = 0; j < 8; ++j)
+          for (int q = 0; q < 4; ++q) o[j + 8 * q] |= ((p[16 + j] >> (2 * q)) & 3) << 4;
         break;
     }
   }

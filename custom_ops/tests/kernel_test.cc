@@ -94,6 +94,18 @@ void pack_block(const uint8_t* codes, int bits, int block_size, uint8_t* out) {
       case 4:
         for (int j = 0; j < 16; ++j) p[j] = static_cast<uint8_t>(c[j] | c[j + 16] << 4);
         break;
+      case 5:  // low nibbles as 4-bit codes; then bit t of 4 bytes (little-endian) is bit 4 of code t
+        for (int j = 0; j < 16; ++j) p[j] = static_cast<uint8_t>((c[j] & 15) | (c[j + 16] & 15) << 4);
+        for (int j = 0; j < 4; ++j) {
+          p[16 + j] = 0;
+          for (int i = 0; i < 8; ++i) p[16 + j] |= static_cast<uint8_t>(((c[8 * j + i] >> 4) & 1) << i);
+        }
+        break;
+      case 6:  // low nibbles as 4-bit codes; then the top two bits as 2-bit codes
+        for (int j = 0; j < 16; ++j) p[j] = static_cast<uint8_t>((c[j] & 15) | (c[j + 16] & 15) << 4);
+        for (int j = 0; j < 8; ++j)
+          p[16 + j] = static_cast<uint8_t>((c[j] >> 4) | (c[j + 8] >> 4) << 2 | (c[j + 16] >> 4) << 4 | (c[j + 24] >> 4) << 6);
+        break;
       default:
         for (int j = 0; j < 8; ++j)
           p[j] = static_cast<uint8_t>((c[j] & 3) | (c[j + 8] & 3) << 2 | (c[j + 16] & 3) << 4 | (c[j + 24] & 3) << 6);
@@ -148,7 +160,7 @@ RandomWeight random_weight(const Case& c, std::mt19937_64& rng) {
   std::vector<uint8_t> block_codes(static_cast<size_t>(bs));
   for (int64_t n = 0; n < c.N; ++n)
     for (int64_t b = 0; b < nb; ++b) {
-      const uint32_t rho = rho_d(rng), theta = c.bits == 8 ? rbe::kUniformTheta : theta_d(rng);
+      const uint32_t rho = rho_d(rng), theta = rbe::has_uniform_table(c.bits) ? rbe::kUniformTheta : theta_d(rng);
       const int32_t offset = offset_d(rng);
       const int64_t blk = n * nb + b;
       const uint16_t alpha = c.center ? random_alpha(rng) : 0;
@@ -644,7 +656,7 @@ void test_malformed() {
     edit(s);
     return s;
   };
-  expect_format_error("bits=5", [&] { prepare(shape_with([](rbe::WeightShape& s) { s.bits = 5; }), good.seeds, nbytes); });
+  expect_format_error("bits=7", [&] { prepare(shape_with([](rbe::WeightShape& s) { s.bits = 7; }), good.seeds, nbytes); });
   expect_format_error("block_size=48", [&] {
     prepare(shape_with([](rbe::WeightShape& s) { s.block_size = 48; }), good.seeds, nbytes);
   });
@@ -737,17 +749,17 @@ int main() {
   // 768, 1536 and 3072 give the AVX-512 GEMV's four-column paths their 3-, 6- and 12-block columns.
   const int64_t shapes[][2] = {{1, 5}, {77, 19}, {100, 33}, {256, 48}, {1000, 40}, {768, 19}, {1536, 13}, {3072, 9}};
   double worst = 0.0, worst_int8 = 0.0;
-  for (int bits : {2, 3, 4, 8})
+  for (int bits : {2, 3, 4, 5, 6, 8})
     for (int block_size : {32, 64, 128, 256})
       for (const auto& kn : shapes) test_gemm(Case{bits, block_size, kn[0], kn[1]}, simd, &worst, &worst_int8);
   // With a center: a single value, a tail block, whole blocks.
   const int64_t center_shapes[][2] = {{1, 5}, {77, 19}, {256, 48}};
-  for (int bits : {2, 3, 4, 8})
+  for (int bits : {2, 3, 4, 5, 6, 8})
     for (int block_size : {32, 64, 128, 256})
       for (const auto& kn : center_shapes)
         test_gemm(Case{bits, block_size, kn[0], kn[1], true}, simd, &worst, &worst_int8);
   // With outliers, with and without a center.
-  for (int bits : {2, 3, 4, 8})
+  for (int bits : {2, 3, 4, 5, 6, 8})
     for (int block_size : {32, 128, 256})
       for (const auto& kn : center_shapes)
         for (bool center : {false, true})
@@ -755,7 +767,7 @@ int main() {
   // With an input rotation: R from 2 to K, with and without a center.
   double worst_rotated = 0.0;
   const int64_t rotation_cases[][2] = {{256, 256}, {256, 2}, {384, 128}, {96, 32}};  // K, R
-  for (int bits : {2, 3, 4, 8})
+  for (int bits : {2, 3, 4, 5, 6, 8})
     for (const auto& kr : rotation_cases)
       for (bool center : {false, true})
         test_rotation(Case{bits, bits == 3 ? 128 : 64, kr[0], 19, center}, kr[1], simd, &worst_rotated);

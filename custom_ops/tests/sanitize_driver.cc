@@ -78,7 +78,7 @@ Buffers random_weight(int64_t K, int64_t N, int64_t bs, int64_t bits, float scal
   b.codes.reset(new uint8_t[static_cast<size_t>(b.n_codes)]);
   for (int64_t i = 0; i < b.n_seeds; ++i) {
     const uint64_t r = rng();
-    b.seeds[i] = rbe_ref::make_seed(static_cast<uint32_t>(r % 1500), bits == 8 ? 4 : (r >> 16) % 16,
+    b.seeds[i] = rbe_ref::make_seed(static_cast<uint32_t>(r % 1500), rbe_ref::uniform_bits(bits) ? 4 : (r >> 16) % 16,
                                     static_cast<int>((r >> 24) % 256) - 128, static_cast<uint32_t>(bits));
   }
   for (int64_t i = 0; i < b.n_codes; ++i) b.codes[i] = static_cast<uint8_t>(rng());
@@ -119,7 +119,7 @@ bool try_prepare(const rbe::WeightShape& s, const int64_t* seeds, int64_t n_seed
 }
 
 void check_prepare(std::mt19937_64& rng) {
-  const int64_t kBits[] = {2, 3, 4, 8}, kBlocks[] = {32, 64, 128, 256};
+  const int64_t kBits[] = {2, 3, 4, 5, 6, 8}, kBlocks[] = {32, 64, 128, 256};
   for (int64_t bits : kBits)
     for (int64_t bs : kBlocks) {
       Buffers b = random_weight(2 * bs + 7, 19, bs, bits, 1e-3f, rng);
@@ -158,11 +158,11 @@ void check_prepare(std::mt19937_64& rng) {
                  tag + ": broken seed accepted");
           b.seeds[where] = saved;
         }
-      if (bits == 8) {  // theta must be 4
+      if (rbe_ref::uniform_bits(bits)) {  // theta must be 4
         const int64_t saved = b.seeds[1];
         b.seeds[1] = static_cast<int64_t>(static_cast<uint64_t>(saved) ^ (uint64_t{1} << 16));
         expect(!try_prepare(b.shape, b.seeds.get(), b.n_seeds, b.codes.get(), b.n_codes, tag + " theta"),
-               tag + ": theta != 4 accepted with 8-bit codes");
+               tag + ": theta != 4 accepted with 5-, 6- or 8-bit codes");
         b.seeds[1] = saved;
       } else {  // every theta is fine for 2/3/4 bits
         const int64_t saved = b.seeds[1];
@@ -320,7 +320,7 @@ void check_gemm_case(const Buffers& b, int64_t M, bool with_bias, bool threaded,
 }
 
 void check_gemm(std::mt19937_64& rng) {
-  const int64_t kBits[] = {2, 3, 4, 8}, kBlocks[] = {32, 64, 128, 256};
+  const int64_t kBits[] = {2, 3, 4, 5, 6, 8}, kBlocks[] = {32, 64, 128, 256};
   for (int64_t bits : kBits)
     for (int64_t bs : kBlocks)
       for (int64_t K : {int64_t{5}, bs + 1, 2 * bs + 7}) {

@@ -7,13 +7,13 @@ from .codebook import levels
 from .outliers import positions
 from .packing import unpack_codes
 from .rice import RiceTable, rice_decode
-from .seed import THETA_STEPS, UNIFORM_THETA, scales_from_rho
+from .seed import THETA_STEPS, UNIFORM_BITS, UNIFORM_THETA, scales_from_rho
 from .weight import RBEWeight
 
 
 def level_tables(bits: int) -> np.ndarray:
-    """int16 [16, 2^bits]: row t is L_theta for theta index t (8-bit codes have one table, §5)."""
-    return np.stack([levels(bits, UNIFORM_THETA if bits == 8 else t) for t in range(THETA_STEPS)])
+    """int16 [16, 2^bits]: row t is L_theta for theta index t (5-, 6- and 8-bit codes have one table, §5)."""
+    return np.stack([levels(bits, UNIFORM_THETA if bits in UNIFORM_BITS else t) for t in range(THETA_STEPS)])
 
 
 def decode(w: RBEWeight | RiceTable) -> np.ndarray:

@@ -14,7 +14,7 @@ from . import outliers
 from .decode import level_tables
 from .encode import default_scale0, encode
 from .packing import pack_codes
-from .seed import pack_seeds, scales_from_rho, unpack_seeds
+from .seed import UNIFORM_BITS, pack_seeds, scales_from_rho, unpack_seeds
 from .weight import RBEWeight
 
 
@@ -51,7 +51,9 @@ def encode_gptq(W: np.ndarray, H: np.ndarray, bits: int = 4, block_size: int = 6
         raise ValueError(f"Hessian must be {K} x {K}, got {list(H.shape)}")
     U = _inverse_cholesky(H, damp) if U is None else U
     nb = -(-K // block_size)
-    tables = level_tables(bits).astype(np.float64) if bits != 8 else None
+    uniform = bits in UNIFORM_BITS  # L[c] = step·c + base − 128: rounded directly, no table search
+    step, base = 1 << (8 - bits), (1 << (7 - bits)) if bits < 8 else 0
+    tables = None if uniform else level_tables(bits).astype(np.float64)
     seeds = np.zeros((N, nb), dtype=np.int64)
     codes = np.zeros((N, nb * block_size), dtype=np.uint8)
     # One s0 for the node, with headroom: error feedback can shrink a later block's range below what the
@@ -70,15 +72,15 @@ def encode_gptq(W: np.ndarray, H: np.ndarray, bits: int = 4, block_size: int = 6
         rho = f["rho"]
         d = scales_from_rho(rho, scale0).astype(np.float64)
         o = f["offset"].astype(np.float64)
-        table = None if bits == 8 else tables[f["theta"]]
+        table = None if uniform else tables[f["theta"]]
         seeds[:, b] = pack_seeds(rho, f["theta"], f["offset"], bits)
         err_block = np.zeros((k1 - k0, N))
         exact_values = np.zeros((k1 - k0, N))
         for i, k in enumerate(range(k0, k1)):
             t = W[k] / d - o                                      # target in level units, per column
-            if bits == 8:                                          # identity table: round directly
-                c = np.clip(np.rint(t) + 128, 0, 255).astype(np.int64)
-                q = d * (c - 128 + o)
+            if uniform:
+                c = np.clip(np.rint((t - base + 128) / step), 0, (1 << bits) - 1).astype(np.int64)
+                q = d * (step * c + base - 128 + o)
             else:                                                  # nearest level of each column's table
                 c = np.abs(table - t[:, None]).argmin(axis=1)
                 q = d * (table[np.arange(N), c] + o)

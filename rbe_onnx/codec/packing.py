@@ -1,5 +1,5 @@
-"""Bit packing of codes into the byte layout of docs/FORMAT.md §4: groups of 32 codes, or for 3 bits chunks of
-min(block_size, 128) codes in two planes."""
+"""Bit packing of codes into the byte layout of docs/FORMAT.md §4: groups of 32 codes (for 5 and 6 bits a
+4-bit plane and a high plane), or for 3 bits chunks of min(block_size, 128) codes in two planes."""
 from __future__ import annotations
 
 import numpy as np
@@ -20,6 +20,15 @@ def _pack2(g: np.ndarray) -> np.ndarray:
 
 def _unpack2(b: np.ndarray) -> np.ndarray:
     return np.concatenate([(b >> s) & 3 for s in (0, 2, 4, 6)], axis=-1)
+
+
+def _pack4(g: np.ndarray) -> np.ndarray:
+    """Byte j (0-15) holds codes j and j+16 in its low and high nibble."""
+    return g[..., :16] | (g[..., 16:] << 4)
+
+
+def _unpack4(b: np.ndarray) -> np.ndarray:
+    return np.concatenate([b & 0xF, b >> 4], axis=-1)
 
 
 def _chunk(L: int) -> int:
@@ -46,9 +55,13 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     elif bits == 8:
         out = g
     elif bits == 4:
-        out = g[..., :16] | (g[..., 16:] << 4)
+        out = _pack4(g)
     elif bits == 2:
         out = _pack2(g)
+    elif bits == 5:  # the low nibbles as 4-bit codes, then bit t of the little-endian uint32 is code t's bit 4
+        out = np.concatenate([_pack4(g & 0xF), np.packbits(g >> 4, axis=-1, bitorder="little")], axis=-1)
+    elif bits == 6:  # the low nibbles as 4-bit codes, then the top two bits as 2-bit codes
+        out = np.concatenate([_pack4(g & 0xF), _pack2(g >> 4)], axis=-1)
     else:
         raise ValueError(f"bits={bits} unsupported")
     return np.ascontiguousarray(out, dtype=np.uint8).reshape(*lead, L * bits // 8)
@@ -70,9 +83,13 @@ def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
     elif bits == 8:
         out = g
     elif bits == 4:
-        out = np.concatenate([g & 0xF, g >> 4], axis=-1)
+        out = _unpack4(g)
     elif bits == 2:
         out = _unpack2(g)
+    elif bits == 5:
+        out = _unpack4(g[..., :16]) | (np.unpackbits(g[..., 16:], axis=-1, bitorder="little") << 4)
+    elif bits == 6:
+        out = _unpack4(g[..., :16]) | (_unpack2(g[..., 16:]) << 4)
     else:
         raise ValueError(f"bits={bits} unsupported")
     return np.ascontiguousarray(out).reshape(*lead, nbytes // gb * GROUP)

@@ -9,7 +9,9 @@ TAG_V1 = 0xB1  # format 1 (its own 3-bit layout): refused, pointing to `rbe-onnx
 RHO_PER_LOG_SCALE = 512.0  # rho / 512 = hyperbolic distance 2·atanh(r) = ln(d / s0)
 THETA_STEPS = 16
 UNIFORM_THETA = 4  # theta index whose gamma is 1 (the uniform grid)
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+# Code widths with one uniform level table, whose seeds must carry theta = UNIFORM_THETA (FORMAT.md §5).
+UNIFORM_BITS = (5, 6, 8)
 SUPPORTED_BLOCK_SIZES = (32, 64, 128, 256)
 
 
@@ -96,8 +98,8 @@ def check_seeds(seeds: np.ndarray, K: int, N: int, bits: int, block_size: int,
         (~np.isfinite(f["alpha"]), "alpha is not finite"),
         ((f["alpha"].view(np.uint32) != 0) if not has_center else np.zeros(1, bool),
          "alpha nonzero but the node has no center vector"),
-        ((f["theta"] != UNIFORM_THETA) if bits == 8 else np.zeros(1, bool),
-         f"theta != {UNIFORM_THETA} with 8-bit codes"),
+        ((f["theta"] != UNIFORM_THETA) if bits in UNIFORM_BITS else np.zeros(1, bool),
+         f"theta != {UNIFORM_THETA} with {bits}-bit codes"),
     ]
     for bad, what in problems:
         if np.any(bad):

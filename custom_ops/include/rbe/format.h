@@ -38,6 +38,9 @@ float half_to_float(uint16_t h);
 // once (§3); Inf when scale0 is too large for the rho, which the callers refuse.
 float block_scale(float scale0, uint32_t rho);
 bool is_supported_bits(int64_t bits);
+// 5-, 6- and 8-bit codes have one uniform level table (§5): theta must be 4, and L[c] + 128 is the code
+// shifted to 8 bits, so the kernels run them as 8-bit codes once unpacked.
+bool has_uniform_table(int64_t bits);
 bool is_supported_block_size(int64_t block_size);
 
 // L_theta for a code width: 2^bits int levels (§5). Computed in double exactly as the numpy spec does.
@@ -60,12 +63,12 @@ struct PreparedWeight {
   std::vector<float> offset;           // [N·nb]: o
   std::vector<float> scaled_offset;    // [N·nb]: d·o, the offset term's weight side (int8 GEMV, tiles)
   std::vector<uint8_t> theta;          // [N·nb]
-  alignas(32) int8_t lut[kThetaSteps][16] = {};  // int8 levels for 2/3/4-bit codes, by theta
+  alignas(32) int8_t lut[kThetaSteps][16] = {};  // int8 levels for 2/3/4-bit codes, by theta (else zero)
   // The same levels as VPDPBUSD's unsigned operand, L + 128, repeated every 2^bits entries up to 64: what
   // every x86 int8 GEMV looks codes up in (pshufb the first 16 bytes, vpermb 32 or 64, which may see index
-  // bits above a code's width), built once here rather than per kernel call. Zero for 8-bit codes.
+  // bits above a code's width), built once here rather than per kernel call. Zero for 5-, 6- and 8-bit codes.
   alignas(64) uint8_t lut_vnni[kThetaSteps][64] = {};
-  std::vector<std::vector<int>> levels;           // [16][2^bits] int levels (8-bit: one table at [8])
+  std::vector<std::vector<int>> levels;           // [16][2^bits] int levels (5/6/8-bit: 16 copies of one)
   // The center vector (§5.1), both empty without one: alpha [nb·N], the seeds' binary16 α as float32, block
   // b of column n at b·N + n (block-major, unlike the other tables: the center term runs along n, so its
   // loop vectorizes), and center [padded_K], a copy of the node's K values, zero past K so tail blocks need
