@@ -125,6 +125,33 @@ def test_tiny_models_8bit_match_fp32(ort_session, tmp_path, tiny_gpt2_onnx_dir, 
     assert_matches_8bit(ref[keep], got[keep], "tiny BERT hidden states")
 
 
+@pytest.mark.parametrize("bits", [5, 6])
+def test_tiny_gpt2_5_and_6_bit_codes_run_in_ort(tmp_path, tiny_gpt2_onnx_dir, monkeypatch, bits):
+    """5- and 6-bit codes through RBEFusedGemm and RBEGather in an ORT session: the SIMD kernels' path (8-bit
+    kernels on widened codes, kernels/dispatch.cc) gives the scalar reference's logits, with 2 threads, in the
+    float and int8 arithmetics, and both stay close to fp32."""
+    from conftest import make_ort_session
+
+    shape = Gpt2Shape.from_dir(tiny_gpt2_onnx_dir)
+    ids = np.array([[50256, 50256, 464, 2068, 7586], [464, 318, 257, 1332, 13]], dtype=np.int64)
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=np.int64)
+    ref = make_ort_session(tiny_gpt2_onnx_dir).run(["logits"], prefill_feeds(shape, ids, mask))[0][mask == 1]
+    models = [rewritten(tiny_gpt2_onnx_dir, tmp_path / f"level{level}", bits=bits, block_size=64,
+                        accuracy_level=level) for level in (0, 4)]
+    ops = {n.op_type for n in onnx.load(str(models[0]), load_external_data=False).graph.node}
+    assert ops >= {"RBEFusedGemm", "RBEGather"}
+    for path in models:
+        got = {}
+        for isa in ("scalar", "auto"):
+            monkeypatch.setenv("RBE_ISA", isa)  # read when the session creates its kernels
+            session = make_ort_session(path, custom_op_library=get_library_path())
+            got[isa] = session.run(["logits"], prefill_feeds(shape, ids, mask))[0][mask == 1]
+        np.testing.assert_allclose(got["auto"], got["scalar"], rtol=0, atol=1e-5 * np.abs(got["scalar"]).max())
+        whole = cosine(ref.reshape(1, -1), got["auto"].reshape(1, -1))[0]
+        print(f"{bits}-bit {path.parent.name} vs fp32: cosine {whole:.6f}")
+        assert whole >= (0.999 if bits == 6 else 0.995)
+
+
 def bert_feeds() -> dict:
     ids = np.array([[101, 7592, 2088, 2003, 1037, 3231, 102], [101, 2460, 102, 0, 0, 0, 0]], dtype=np.int64)
     mask = (ids != 0).astype(np.int64)
