@@ -11,17 +11,13 @@ import numpy as np
 
 from .codebook import levels, theta_candidates
 from .packing import GROUP, pack_codes
-from .seed import RHO_PER_LOG_SCALE, check_layout, pack_seeds
+from .seed import RHO_PER_LOG_SCALE, UNIFORM_THETA, check_layout, pack_seeds
 from .weight import RBEWeight
 
 # Fractions of the block's half range the outermost level is put at; < 1 clips the extremes, which pays
 # at low widths where the grid is coarse.
 SHRINKS = {2: (1.0, 0.9, 0.8, 0.7, 0.6), 3: (1.0, 0.9, 0.8, 0.7), 4: (1.0, 0.92, 0.85), 5: (1.0, 0.95, 0.9),
            6: (1.0, 0.95), 8: (1.0,)}
-# The distance from a table's centre to its outermost level: 127 for the 2/3/4-bit tables, 124 and 126 for
-# the uniform 5- and 6-bit ones; 8-bit spans -128..127 about -0.5.
-SPANS = {5: 124.0, 6: 126.0, 8: 127.5}
-LEVEL_SPAN = 127.0
 REFITS = 2
 MAX_WORKERS = 4
 PARALLEL_SIZE = 1 << 18  # weights below this encode on one thread (thread start-up would dominate)
@@ -81,10 +77,17 @@ def _refit(X, valid, bits, scale0, best, best_codes, best_err) -> None:
         best["rho"][idx], best["offset"][idx] = rho[better], offset[better]
 
 
+def _span(bits: int) -> float:
+    """The distance from a table's centre to its outermost level (every theta's table spans the same): 127 at
+    2-4 bits, 124 and 126 for the uniform 5- and 6-bit tables, 127.5 at 8 bits (-128..127 about -0.5)."""
+    table = levels(bits, UNIFORM_THETA)
+    return (float(table.max()) - float(table.min())) / 2
+
+
 def _scale0_for(half: np.ndarray, bits: int) -> float:
     """s0 just under the smallest scale the search can ask for, so rho never clips at 0."""
     positive = half[half > 0]
-    span = SPANS.get(bits, LEVEL_SPAN)
+    span = _span(bits)
     return float(positive.min() * min(SHRINKS[bits]) / span * 0.5) if positive.size else 1.0
 
 
@@ -127,7 +130,7 @@ def _encode_columns(W: np.ndarray, bits: int, block_size: int, scale0: float) ->
     lo = np.where(valid, X, big).min(axis=1)
     hi = np.where(valid, X, -big).max(axis=1)
     center, half = (hi + lo) * 0.5, (hi - lo) * 0.5
-    span = SPANS.get(bits, LEVEL_SPAN)
+    span = _span(bits)
 
     best_err = np.full(X.shape[0], np.inf, dtype=np.float64)
     best = {k: np.zeros(X.shape[0], np.int64) for k in ("rho", "theta", "offset")}

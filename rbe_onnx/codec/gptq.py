@@ -51,9 +51,9 @@ def encode_gptq(W: np.ndarray, H: np.ndarray, bits: int = 4, block_size: int = 6
         raise ValueError(f"Hessian must be {K} x {K}, got {list(H.shape)}")
     U = _inverse_cholesky(H, damp) if U is None else U
     nb = -(-K // block_size)
-    uniform = bits in UNIFORM_BITS  # L[c] = step·c + base − 128: rounded directly, no table search
-    step, base = 1 << (8 - bits), (1 << (7 - bits)) if bits < 8 else 0
-    tables = None if uniform else level_tables(bits).astype(np.float64)
+    tables = level_tables(bits).astype(np.float64)
+    uniform = bits in UNIFORM_BITS  # one evenly spaced table: rounded directly, no table search
+    first, step = tables[0, 0], tables[0, 1] - tables[0, 0]
     seeds = np.zeros((N, nb), dtype=np.int64)
     codes = np.zeros((N, nb * block_size), dtype=np.uint8)
     # One s0 for the node, with headroom: error feedback can shrink a later block's range below what the
@@ -79,8 +79,8 @@ def encode_gptq(W: np.ndarray, H: np.ndarray, bits: int = 4, block_size: int = 6
         for i, k in enumerate(range(k0, k1)):
             t = W[k] / d - o                                      # target in level units, per column
             if uniform:
-                c = np.clip(np.rint((t - base + 128) / step), 0, (1 << bits) - 1).astype(np.int64)
-                q = d * (step * c + base - 128 + o)
+                c = np.clip(np.rint((t - first) / step), 0, (1 << bits) - 1).astype(np.int64)
+                q = d * (first + step * c + o)
             else:                                                  # nearest level of each column's table
                 c = np.abs(table - t[:, None]).argmin(axis=1)
                 q = d * (table[np.arange(N), c] + o)

@@ -272,14 +272,13 @@ void add_outliers(const PreparedWeight& w, const float* A, int64_t M, float* Y, 
 // outliers and rotation, as for every width.
 constexpr int64_t kWidenColumns = 32;
 
-// One block of 5- or 6-bit codes (§4) as 8-bit codes L + 128 (§5), 32 codes a step: a code-by-code unpack
-// (unpack_block_codes) took 8-27 times as long as the 8-bit product that reads its output.
+// One block of 5- or 6-bit codes (§4) as 8-bit codes L + 128 (§5).
 template <int BITS>
 void widen_block(const uint8_t* p, int64_t block_size, uint8_t* out) {
   constexpr int shift = 8 - BITS, base = 1 << (7 - BITS);
 #if defined(RBE_X86_SSE2)
-  // In registers: the portable loop below round-trips the high bits through the stack, and the 16-byte
-  // reload of 8-byte stores stalls on store forwarding (a quarter of the time in perf).
+  // In registers, 32 codes a step: unpack_block_codes and a shift, the portable path below, took 8-27 times
+  // as long as the 8-bit product reading its output on x86.
   const __m128i nibble = _mm_set1_epi8(0x0F), add = _mm_set1_epi8(static_cast<char>(base));
   for (int64_t g = 0; g < block_size / kGroup; ++g, p += 4 * BITS, out += kGroup) {
     const __m128i low = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -307,25 +306,10 @@ void widen_block(const uint8_t* p, int64_t block_size, uint8_t* out) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_add_epi8(_mm_slli_epi16(c0, shift), add));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm_add_epi8(_mm_slli_epi16(c1, shift), add));
   }
-  return;
+#else
+  unpack_block_codes(p, BITS, static_cast<int>(block_size), out);
+  for (int64_t t = 0; t < block_size; ++t) out[t] = static_cast<uint8_t>((out[t] << shift) + base);
 #endif
-  for (int64_t g = 0; g < block_size / kGroup; ++g, p += 4 * BITS, out += kGroup) {
-    uint8_t hi[kGroup];
-    if constexpr (BITS == 5) {
-      for (int j = 0; j < 4; ++j) {  // byte j's 8 bits to 8 bytes of 0 or 1 (bit i of byte j is code 8j + i)
-        uint64_t x = (p[16 + j] * 0x0101010101010101ull) & 0x8040201008040201ull;
-        x = ((x + 0x7F7F7F7F7F7F7F7Full) & 0x8080808080808080ull) >> 7;
-        std::memcpy(hi + 8 * j, &x, 8);  // little-endian: byte i of x is code 8j + i
-      }
-    } else {
-      for (int q = 0; q < 4; ++q)
-        for (int j = 0; j < 8; ++j) hi[8 * q + j] = static_cast<uint8_t>((p[16 + j] >> (2 * q)) & 3);
-    }
-    for (int j = 0; j < 16; ++j) {
-      out[j] = static_cast<uint8_t>((((p[j] & 15) | hi[j] << 4) << shift) + base);
-      out[j + 16] = static_cast<uint8_t>((((p[j] >> 4) | hi[j + 16] << 4) << shift) + base);
-    }
-  }
 }
 
 struct WidenedSlice {
