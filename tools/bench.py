@@ -61,6 +61,7 @@ RBE_VARIANTS = [
     ("RBE 3-bit/256 int8", 3, 256, 4, False),
     ("RBE 3-bit/256 int8 --rotate", 3, 256, 4, True),
     ("RBE 2-bit/128 int8", 2, 128, 4, False),
+    ("RBE 5-bit/128 int8", 5, 128, 4, False),  # the width --target-bpw gives sensitive projections
 ]
 
 

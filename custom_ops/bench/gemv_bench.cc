@@ -1,7 +1,8 @@
 // GEMV kernels (M = 1) timed in C++ alone, without Python, ORT or a model around them: the tool for kernel
 // work, where a change of a few percent drowns in tools/bench.py's run-to-run spread.
 //
-//   rbe_gemv_bench [isa]        isa: auto (default), avx2, avxvnni, avx512, neon, scalar
+//   rbe_gemv_bench [isa] [BITS/BLOCK ...]   isa: auto (default), avx2, avxvnni, avx512, neon, scalar;
+//                                           the settings (e.g. 5/128) to time, all of them by default
 //
 // For each setting (bits/block, accuracy level) it prints
 //   hot:  ns per 256 weights of one weight read over and over (it stays in cache): compute alone, for columns
@@ -40,7 +41,7 @@ struct Matrix {
 };
 
 int64_t seed(std::mt19937_64& g, int bits) {
-  const uint32_t rho = g() % 2000, theta = bits == 8 ? rbe::kUniformTheta : g() % 16;
+  const uint32_t rho = g() % 2000, theta = rbe::has_uniform_table(bits) ? rbe::kUniformTheta : g() % 16;
   const int32_t offset = static_cast<int32_t>(g() % 16) - 8;
   return static_cast<int64_t>(rbe::pack_seed({rho, theta, static_cast<uint32_t>(bits), 0, 0, rbe::kSeedTag, offset}));
 }
@@ -133,8 +134,12 @@ int main(int argc, char** argv) {
   // Two threads from the pool the Python binding uses: workers kept spinning between calls, as ORT's pool
   // does between the nodes of a step.
   const rbe::ParallelFor two = rbe::spin_pool_for(2);
-  const struct { int bits, block, level; } configs[] = {{4, 64, 0}, {4, 64, 4}, {4, 128, 4}, {3, 256, 4}, {3, 128, 4}, {2, 128, 4}};
+  const struct { int bits, block, level; } configs[] = {{4, 64, 0}, {4, 64, 4}, {4, 128, 4}, {3, 256, 4},
+                                                         {3, 128, 4}, {2, 128, 4}, {5, 128, 4}, {6, 128, 4}};
+  std::vector<std::string> wanted(argv + std::min(argc, 2), argv + argc);
   for (const auto& c : configs) {
+    const std::string name = std::to_string(c.bits) + "/" + std::to_string(c.block);
+    if (!wanted.empty() && std::find(wanted.begin(), wanted.end(), name) == wanted.end()) continue;
     std::string hot_ns;
     for (auto [K, N] : {std::pair<int64_t, int64_t>{3072, 768}, {768, 3072}, {256, 1024}}) {
       const Matrix hot = make_matrix(g, K, N, c.bits, c.block);

@@ -265,90 +265,6 @@ void add_outliers(const PreparedWeight& w, const float* A, int64_t M, float* Y, 
     }
 }
 
-// 5- and 6-bit codes (§4, §5) run through each ISA's 8-bit kernels: their table's L + 128 is the code
-// shifted to 8 bits, so a slice of columns is unpacked into 8-bit codes (a few KB, in cache) and handed to
-// the kernel as an 8-bit weight of those columns with the same scales and offsets: the integers and floats
-// it computes are the ones it would for an 8-bit weight with those levels. The dispatcher keeps the center,
-// outliers and rotation, as for every width.
-constexpr int64_t kWidenColumns = 32;
-
-// One block of 5- or 6-bit codes (§4) as 8-bit codes L + 128 (§5).
-template <int BITS>
-void widen_block(const uint8_t* p, int64_t block_size, uint8_t* out) {
-  constexpr int shift = 8 - BITS, base = 1 << (7 - BITS);
-#if defined(RBE_X86_SSE2)
-  // In registers, 32 codes a step: unpack_block_codes and a shift, the portable path below, took 8-27 times
-  // as long as the 8-bit product reading its output on x86.
-  const __m128i nibble = _mm_set1_epi8(0x0F), add = _mm_set1_epi8(static_cast<char>(base));
-  for (int64_t g = 0; g < block_size / kGroup; ++g, p += 4 * BITS, out += kGroup) {
-    const __m128i low = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    __m128i hi0, hi1;  // bits 4-5 of codes 0-15 and 16-31, in place
-    if constexpr (BITS == 5) {
-      uint32_t word;
-      std::memcpy(&word, p + 16, 4);
-      __m128i x = _mm_cvtsi32_si128(static_cast<int>(word));
-      x = _mm_unpacklo_epi8(x, x);
-      x = _mm_unpacklo_epi16(x, x);  // each byte of word four times
-      const __m128i select = _mm_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
-      const __m128i bit4 = _mm_set1_epi8(0x10);
-      hi0 = _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(_mm_unpacklo_epi32(x, x), select), select), bit4);
-      hi1 = _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(_mm_unpackhi_epi32(x, x), select), select), bit4);
-    } else {
-      // Byte j holds the top bits of codes j, j+8, j+16, j+24 in bits 0-1, 2-3, 4-5, 6-7; 16-bit shifts are
-      // exact here because only the two bits kept are read from each byte.
-      const __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 16)), two = _mm_set1_epi8(0x30);
-      hi0 = _mm_and_si128(_mm_unpacklo_epi64(_mm_slli_epi16(x, 4), _mm_slli_epi16(x, 2)), two);
-      hi1 = _mm_and_si128(_mm_unpacklo_epi64(x, _mm_srli_epi16(x, 2)), two);
-    }
-    const __m128i c0 = _mm_or_si128(_mm_and_si128(low, nibble), hi0);
-    const __m128i c1 = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(low, 4), nibble), hi1);
-    // Codes < 2^BITS shifted within their byte: a 16-bit shift moves no bit across bytes.
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_add_epi8(_mm_slli_epi16(c0, shift), add));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16), _mm_add_epi8(_mm_slli_epi16(c1, shift), add));
-  }
-#else
-  unpack_block_codes(p, BITS, static_cast<int>(block_size), out);
-  for (int64_t t = 0; t < block_size; ++t) out[t] = static_cast<uint8_t>((out[t] << shift) + base);
-#endif
-}
-
-struct WidenedSlice {
-  PreparedWeight w;
-  std::vector<uint8_t> codes;
-  std::vector<float> y;
-};
-
-void run_widened(void (*kernel)(const GemmProblem&, int64_t, int64_t), const GemmProblem& p, int64_t n0,
-                 int64_t n1) {
-  const PreparedWeight& w = *p.w;
-  const WeightShape& s = w.shape;
-  const int64_t nb = s.blocks_per_column(), bs = s.block_size;
-  void (*widen)(const uint8_t*, int64_t, uint8_t*) = s.bits == 5 ? widen_block<5> : widen_block<6>;
-  thread_local WidenedSlice slice;  // kept between calls: the decode loop allocates nothing once warm
-  PreparedWeight& v = slice.w;
-  if (v.levels.empty()) v.levels.assign(kThetaSteps, level_table(8, kUniformTheta));
-  for (int64_t c0 = n0; c0 < n1; c0 += kWidenColumns) {
-    const int64_t cols = std::min(kWidenColumns, n1 - c0), first = c0 * nb, count = cols * nb;
-    v.shape = WeightShape{s.K, cols, bs, 8, s.scale0};
-    slice.codes.resize(static_cast<size_t>(count * bs));
-    for (int64_t i = 0; i < count; ++i)
-      widen(w.codes + (first + i) * s.block_bytes(), bs, slice.codes.data() + i * bs);
-    v.codes = slice.codes.data();
-    v.scale.assign(w.scale.begin() + first, w.scale.begin() + first + count);
-    v.offset.assign(w.offset.begin() + first, w.offset.begin() + first + count);
-    v.scaled_offset.assign(w.scaled_offset.begin() + first, w.scaled_offset.begin() + first + count);
-    v.theta.assign(w.theta.begin() + first, w.theta.begin() + first + count);
-    slice.y.resize(static_cast<size_t>(p.M * cols));
-    GemmProblem q = p;
-    q.w = &v;
-    q.bias = p.bias ? p.bias + c0 : nullptr;
-    q.Y = slice.y.data();
-    kernel(q, 0, cols);
-    for (int64_t m = 0; m < p.M; ++m)
-      std::copy(slice.y.begin() + m * cols, slice.y.begin() + (m + 1) * cols, p.Y + m * s.N + c0);
-  }
-}
-
 }  // namespace
 
 void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias, float* Y, Isa isa,
@@ -478,12 +394,9 @@ void gemm(const PreparedWeight& w, const float* A, int64_t M, const float* bias,
   const int64_t chunk =
       M <= kMaxGemvRows ? std::max<int64_t>(64, round_up(ceil_div(s.N, 2 * hardware_threads()), 16)) : 32;
   const int64_t tasks = ceil_div(s.N, chunk);
-  const bool widened = s.bits == 5 || s.bits == 6;
-  const bool scalar = kernel == gemm_columns_scalar || kernel == gemm_columns_scalar_int8;  // read every width
   parallel_for(static_cast<size_t>(tasks), [&](size_t t) {
     const int64_t n0 = static_cast<int64_t>(t) * chunk, n1 = std::min(s.N, n0 + chunk);
-    if (widened && !scalar) run_widened(kernel, p, n0, n1);
-    else kernel(p, n0, n1);
+    kernel(p, n0, n1);
     if (outlier_term) add_outliers(w, A, M, Y, n0, n1);
     if (!center_term) return;
     // In the task that wrote these columns, while they are still in cache. Along n, over the block-major

@@ -21,14 +21,52 @@
 namespace rbe {
 namespace {
 
-// 32 byte-codes of one packing group of 2-, 4- or 8-bit codes (FORMAT.md §4), in order 0..31, shifted into
-// place but not masked: bits 0 to BITS-1 of byte i are code i, the bits above are whatever the shift
-// brought in (the AVX-512 GEMV's vpermb table ignores them; group_codes masks them off).
+// Widths whose byte-codes are the 8-bit path's L + 128 (§5), read without a table: 8-bit codes as stored, and
+// 5- and 6-bit ones, whose one uniform table's L + 128 is the code shifted to 8 bits.
+template <int BITS>
+constexpr bool kByteCodes = BITS == 8 || BITS == 5 || BITS == 6;
+
+// 32 byte-codes of one packing group of 2-, 4-, 5-, 6- or 8-bit codes (FORMAT.md §4), in order 0..31. 2- and
+// 4-bit codes are shifted into place but not masked: bits 0 to BITS-1 of byte i are code i, the bits above
+// are whatever the shift brought in (the AVX-512 GEMV's vpermb table ignores them; group_codes masks them
+// off). The other widths come as L + 128 (kByteCodes).
 template <int BITS>
 inline __m256i group_fields(const uint8_t* p) {
   static_assert(BITS != 3, "3-bit codes come in chunks: chunk3_planes");
   if constexpr (BITS == 8) {
     return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  } else if constexpr (BITS == 5 || BITS == 6) {
+    // L + 128 = 2^(8−BITS)·c + 2^(7−BITS): the nibble half (16 bytes, as 4-bit codes) with each nibble moved
+    // to bit 8 − BITS of its byte, the top bits above it, the constant below.
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    constexpr int up = 8 - BITS, down = BITS - 4;
+    const __m256i placed =
+        _mm256_sllv_epi32(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, down, down, down, down)),
+                          _mm256_setr_epi32(up, up, up, up, 0, 0, 0, 0));
+    __m256i top;
+    if constexpr (BITS == 5) {
+      // Bit i of plane byte j is code 8j + i: byte j copied to codes 8j .. 8j+7, each testing its own bit.
+      uint32_t plane;
+      std::memcpy(&plane, p + 16, 4);
+      const __m256i bytes = _mm256_shuffle_epi8(
+          _mm256_set1_epi32(static_cast<int>(plane)),
+          _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                           2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
+      const __m256i select = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ull));
+      top = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select),
+                             _mm256_set1_epi8(static_cast<char>(0x80)));
+    } else {
+      // 2-bit layout (byte j: codes j, j+8, j+16, j+24 in bits 0-1, 2-3, 4-5, 6-7): 64-bit lane q shifted
+      // left by 6 − 2q puts code j + 8q's top bits at bits 6-7 of byte j.
+      uint64_t tops;
+      std::memcpy(&tops, p + 16, 8);
+      top = _mm256_and_si256(_mm256_sllv_epi64(_mm256_set1_epi64x(static_cast<long long>(tops)),
+                                               _mm256_setr_epi64x(6, 4, 2, 0)),
+                             _mm256_set1_epi8(static_cast<char>(0xC0)));
+    }
+    const __m256i nibble = _mm256_set1_epi8(static_cast<char>(0x0F << up));
+    return _mm256_or_si256(_mm256_or_si256(_mm256_and_si256(placed, nibble), top),
+                           _mm256_set1_epi8(static_cast<char>(1 << (7 - BITS))));
   } else if constexpr (BITS == 4) {
     // The 16 bytes in both lanes (one broadcast load); the high lane shifted by 4: low nibbles are codes
     // 0..15, high nibbles 16..31.
@@ -45,7 +83,7 @@ inline __m256i group_fields(const uint8_t* p) {
 // group_fields with the bits above each code cleared.
 template <int BITS>
 inline __m256i group_codes(const uint8_t* p) {
-  if constexpr (BITS == 8) return group_fields<8>(p);
+  if constexpr (kByteCodes<BITS>) return group_fields<BITS>(p);
   else return _mm256_and_si256(group_fields<BITS>(p), _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1)));
 }
 
@@ -102,7 +140,7 @@ inline void chunk3_planes(const uint8_t* p, __m256i low[], __m256i high[]) {
 
 // The byte-codes of one chunk of CH codes (CH = chunk_of<BITS>): codes 32v .. 32v+31 in out[v], as pshufb
 // indices: a code in bits 0-3 and bit 7 clear, bits 4-6 possibly not zero (pshufb ignores them, and every
-// consumer is a table lookup).
+// consumer is a table lookup); kByteCodes widths as L + 128.
 template <int BITS, int CH>
 inline void chunk_codes(const uint8_t* p, __m256i out[CH / 32]) {
   if constexpr (BITS != 3) {
@@ -131,7 +169,7 @@ inline void chunk_codes(const uint8_t* p, __m256i out[CH / 32]) {
 // int8 levels L[c] of 32 byte-codes.
 template <int BITS>
 inline __m256i code_levels(__m256i codes, __m256i lut) {
-  if constexpr (BITS == 8) return _mm256_xor_si256(codes, _mm256_set1_epi8(static_cast<char>(0x80)));
+  if constexpr (kByteCodes<BITS>) return _mm256_xor_si256(codes, _mm256_set1_epi8(static_cast<char>(0x80)));
   else return _mm256_shuffle_epi8(lut, codes);
 }
 
@@ -430,6 +468,8 @@ void run_float(const GemmProblem& p, int64_t n0, int64_t n1) {
     case 2: return run<2>(p, n0, n1);
     case 3: return run<3>(p, n0, n1);
     case 4: return run<4>(p, n0, n1);
+    case 5: return run<5>(p, n0, n1);
+    case 6: return run<6>(p, n0, n1);
     default: return run<8>(p, n0, n1);
   }
 }

@@ -1,9 +1,9 @@
 // NEON kernel for aarch64 (Advanced SIMD is mandatory there, so it is chosen whenever it is built).
 // Same plan as gemm_avx2.cc, and checked against gemm_scalar.cc (the reference) by tests/kernel_test.cc:
 // M == 1 (decode): per column, 32 codes at a time (read a chunk at a time, FORMAT.md §4) become 32 int8
-// levels through shifts, masks and one vqtbl1q_s8 table lookup per 16 codes (8-bit codes need no table:
-// c - 128 is c ^ 0x80 read as int8); they are widened to floats and FMA'd against the activations; the
-// block scale is applied once per block and the offset through the precomputed block sums.
+// levels through shifts, masks and one vqtbl1q_s8 table lookup per 16 codes (8-, 5- and 6-bit codes need no
+// table: c - 128 is c ^ 0x80 read as int8); they are widened to floats and FMA'd against the activations;
+// the block scale is applied once per block and the offset through the precomputed block sums.
 // M > 1 (prefill): a tile of 16 columns is decoded into a cache-resident [K][16] float buffer (four
 // columns at a time, transposed in registers so every store is a whole vector) that feeds a 4-row x
 // 16-column FMA micro-kernel, so each weight is decoded once per tile, not once per row.
@@ -19,8 +19,14 @@
 namespace rbe {
 namespace {
 
-// The 32 byte-codes of one packing group of 2-, 4- or 8-bit codes (FORMAT.md §4): codes 0..15 in lo,
-// 16..31 in hi. Each branch names the scalar loop of unpack_block_codes (format.cc) it replaces.
+// Widths whose byte-codes are the 8-bit path's L + 128 (§5), read without a table: 8-bit codes as stored, and
+// 5- and 6-bit ones, whose one uniform table's L + 128 is the code shifted to 8 bits.
+template <int BITS>
+constexpr bool kByteCodes = BITS == 8 || BITS == 5 || BITS == 6;
+
+// The 32 byte-codes of one packing group of 2-, 4-, 5-, 6- or 8-bit codes (FORMAT.md §4): codes 0..15 in lo,
+// 16..31 in hi; kByteCodes widths as L + 128. Each branch names the scalar loop of unpack_block_codes
+// (format.cc) it replaces.
 template <int BITS>
 inline void group_codes(const uint8_t* p, uint8x16_t& lo, uint8x16_t& hi) {
   static_assert(BITS != 3, "3-bit codes come in chunks: chunk_codes");
@@ -28,6 +34,32 @@ inline void group_codes(const uint8_t* p, uint8x16_t& lo, uint8x16_t& hi) {
     // scalar: o[t] = p[t]
     lo = vld1q_u8(p);
     hi = vld1q_u8(p + 16);
+  } else if constexpr (BITS == 5 || BITS == 6) {
+    // scalar: o[j] = p[j] & 0xF, o[j + 16] = p[j] >> 4, then the top bits (5: bit j % 8 of p[16 + j / 8]; 6:
+    // bits 2q of p[16 + j] for code j + 8q) at bit 4, then L + 128 = (c << (8 − BITS)) | 2^(7 − BITS).
+    const uint8x16_t v = vld1q_u8(p);
+    uint8x16_t top_lo, top_hi;
+    if constexpr (BITS == 5) {
+      // The plane's byte j copied to codes 8j .. 8j+7, each testing its own bit.
+      uint32_t plane;
+      std::memcpy(&plane, p + 16, 4);
+      const uint8x16_t bytes = vreinterpretq_u8_u32(vdupq_n_u32(plane));
+      static const uint8_t kCopy[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                        2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
+      const uint8x16_t bit = vreinterpretq_u8_u64(vdupq_n_u64(0x8040201008040201ull));
+      top_lo = vshrq_n_u8(vtstq_u8(vqtbl1q_u8(bytes, vld1q_u8(kCopy)), bit), 7);
+      top_hi = vshrq_n_u8(vtstq_u8(vqtbl1q_u8(bytes, vld1q_u8(kCopy + 16)), bit), 7);
+    } else {
+      // The 2-bit layout, as group_codes<2>.
+      const uint8x8_t t = vld1_u8(p + 16), m = vdup_n_u8(0x03);
+      top_lo = vcombine_u8(vand_u8(t, m), vand_u8(vshr_n_u8(t, 2), m));
+      top_hi = vcombine_u8(vand_u8(vshr_n_u8(t, 4), m), vshr_n_u8(t, 6));
+    }
+    const uint8x16_t c_lo = vsliq_n_u8(vandq_u8(v, vdupq_n_u8(0x0F)), top_lo, 4);
+    const uint8x16_t c_hi = vsliq_n_u8(vshrq_n_u8(v, 4), top_hi, 4);
+    const uint8x16_t base = vdupq_n_u8(1 << (7 - BITS));
+    lo = vsliq_n_u8(base, c_lo, 8 - BITS);
+    hi = vsliq_n_u8(base, c_hi, 8 - BITS);
   } else if constexpr (BITS == 4) {
     // scalar: o[j] = p[j] & 0xF; o[j + 16] = p[j] >> 4. The layout puts the two halves of the group in
     // the two nibbles of the same 16 bytes, so one load and two ALU ops give all 32 codes in order.
@@ -100,10 +132,10 @@ inline void chunk_codes(const uint8_t* p, uint8x16_t out[CH / 16]) {
 }
 
 // int8 levels L[c] of 16 byte-codes (FORMAT.md §5). 2/3/4-bit codes are < 16, so one 16-byte table
-// (w.lut[theta]) serves them all through vqtbl1q_s8; 8-bit levels are c - 128 = (c ^ 0x80) as int8.
+// (w.lut[theta]) serves them all through vqtbl1q_s8; kByteCodes levels are c - 128 = (c ^ 0x80) as int8.
 template <int BITS>
 inline int8x16_t code_levels(uint8x16_t codes, int8x16_t lut) {
-  if constexpr (BITS == 8) return vreinterpretq_s8_u8(veorq_u8(codes, vdupq_n_u8(0x80)));
+  if constexpr (kByteCodes<BITS>) return vreinterpretq_s8_u8(veorq_u8(codes, vdupq_n_u8(0x80)));
   else return vqtbl1q_s8(lut, codes);
 }
 
@@ -401,6 +433,8 @@ void gemm_columns_neon(const GemmProblem& p, int64_t n0, int64_t n1) {
     case 2: return run_bits<2>(p, n0, n1);
     case 3: return run_bits<3>(p, n0, n1);
     case 4: return run_bits<4>(p, n0, n1);
+    case 5: return run_bits<5>(p, n0, n1);
+    case 6: return run_bits<6>(p, n0, n1);
     default: return run_bits<8>(p, n0, n1);
   }
 }
