@@ -127,9 +127,9 @@ def test_tiny_models_8bit_match_fp32(ort_session, tmp_path, tiny_gpt2_onnx_dir, 
 
 @pytest.mark.parametrize("bits", [5, 6])
 def test_tiny_gpt2_5_and_6_bit_codes_run_in_ort(tmp_path, tiny_gpt2_onnx_dir, monkeypatch, bits):
-    """5- and 6-bit codes through RBEFusedGemm and RBEGather in an ORT session: the SIMD kernels' path (8-bit
-    kernels on widened codes, kernels/dispatch.cc) gives the scalar reference's logits, with 2 threads, in the
-    float and int8 arithmetics, and both stay close to fp32."""
+    """5- and 6-bit codes through RBEFusedGemm and RBEGather in an ORT session: the SIMD kernels (which build
+    the 8-bit path's L + 128 from each code's bits in registers) give the scalar reference's logits, with 2
+    threads, in the float and int8 arithmetics, and both stay close to fp32."""
     from conftest import make_ort_session
 
     shape = Gpt2Shape.from_dir(tiny_gpt2_onnx_dir)
