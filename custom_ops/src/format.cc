@@ -220,7 +220,7 @@ PreparedWeight prepare_weight(const WeightShape& shape, const int64_t* seeds, in
   w.levels.resize(kThetaSteps);
   for (int t = 0; t < kThetaSteps; ++t) {
     w.levels[t] = level_table(static_cast<int>(shape.bits), has_uniform_table(shape.bits) ? kUniformTheta : t);
-    if (shape.bits > 4) continue;  // lut and lut_vnni are the 2/3/4-bit kernels' lookups
+    if (has_uniform_table(shape.bits)) continue;  // lut and lut_vnni are the 2/3/4-bit kernels' lookups
     for (size_t c = 0; c < w.levels[t].size(); ++c) w.lut[t][c] = static_cast<int8_t>(w.levels[t][c]);
     for (size_t c = 0; c < 64; ++c) w.lut_vnni[t][c] = static_cast<uint8_t>(w.levels[t][c % w.levels[t].size()] + 128);
   }
@@ -270,21 +270,17 @@ void unpack_block_codes(const uint8_t* block, int bits, int block_size, uint8_t*
       case 8:
         std::memcpy(o, p, kGroup);
         break;
-      case 4:
-        for (int j = 0; j < 16; ++j) { o[j] = p[j] & 0xF; o[j + 16] = p[j] >> 4; }
-        break;
       case 2:
         for (int j = 0; j < 8; ++j)
           for (int q = 0; q < 4; ++q) o[j + 8 * q] = (p[j] >> (2 * q)) & 3;
         break;
-      case 5:  // 16 bytes of nibbles as 4-bit codes, then bit t of the 4 bytes (little-endian) is bit 4 of code t
+      default:  // 4, 5 and 6 bits: 16 bytes of nibbles, codes j and j + 16 in byte j; then 5 and 6 bits' top bits
         for (int j = 0; j < 16; ++j) { o[j] = p[j] & 0xF; o[j + 16] = p[j] >> 4; }
-        for (int t = 0; t < kGroup; ++t) o[t] |= ((p[16 + t / 8] >> (t % 8)) & 1) << 4;
-        break;
-      case 6:  // 16 bytes of nibbles as 4-bit codes, then 8 bytes of the top two bits as 2-bit codes
-        for (int j = 0; j < 16; ++j) { o[j] = p[j] & 0xF; o[j + 16] = p[j] >> 4; }
-        for (int j = 0; j < 8; ++j)
-          for (int q = 0; q < 4; ++q) o[j + 8 * q] |= ((p[16 + j] >> (2 * q)) & 3) << 4;
+        if (bits == 5)  // bit t of the 4 bytes (little-endian) is bit 4 of code t
+          for (int t = 0; t < kGroup; ++t) o[t] |= ((p[16 + t / 8] >> (t % 8)) & 1) << 4;
+        if (bits == 6)  // 8 bytes of the top two bits as 2-bit codes
+          for (int j = 0; j < 8; ++j)
+            for (int q = 0; q < 4; ++q) o[j + 8 * q] |= ((p[16 + j] >> (2 * q)) & 3) << 4;
         break;
     }
   }

@@ -4,7 +4,6 @@
 // and of the center term (FORMAT.md §5.1) and the outliers (§5.2), which no per-ISA kernel knows about.
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <thread>

@@ -21,11 +21,6 @@
 namespace rbe {
 namespace {
 
-// Widths whose byte-codes are the 8-bit path's L + 128 (§5), read without a table: 8-bit codes as stored, and
-// 5- and 6-bit ones, whose one uniform table's L + 128 is the code shifted to 8 bits.
-template <int BITS>
-constexpr bool kByteCodes = BITS == 8 || BITS == 5 || BITS == 6;
-
 // 32 byte-codes of one packing group of 2-, 4-, 5-, 6- or 8-bit codes (FORMAT.md §4), in order 0..31. 2- and
 // 4-bit codes are shifted into place but not masked: bits 0 to BITS-1 of byte i are code i, the bits above
 // are whatever the shift brought in (the AVX-512 GEMV's vpermb table ignores them; group_codes masks them

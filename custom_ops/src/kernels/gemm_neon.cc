@@ -19,11 +19,6 @@
 namespace rbe {
 namespace {
 
-// Widths whose byte-codes are the 8-bit path's L + 128 (§5), read without a table: 8-bit codes as stored, and
-// 5- and 6-bit ones, whose one uniform table's L + 128 is the code shifted to 8 bits.
-template <int BITS>
-constexpr bool kByteCodes = BITS == 8 || BITS == 5 || BITS == 6;
-
 // The 32 byte-codes of one packing group of 2-, 4-, 5-, 6- or 8-bit codes (FORMAT.md §4): codes 0..15 in lo,
 // 16..31 in hi; kByteCodes widths as L + 128. Each branch names the scalar loop of unpack_block_codes
 // (format.cc) it replaces.

@@ -15,6 +15,12 @@ namespace rbe {
 template <int BITS>
 constexpr int chunk_of(int64_t block_size) { return BITS == 3 ? chunk_3bit(block_size) : kGroup; }
 
+// Widths whose byte-codes the SIMD kernels build as the 8-bit path's L + 128 (§5) and read without a table:
+// 8-bit codes as stored, and 5- and 6-bit ones, whose one uniform table's L + 128 is the code shifted to 8
+// bits (has_uniform_table, at compile time).
+template <int BITS>
+constexpr bool kByteCodes = BITS == 8 || BITS == 5 || BITS == 6;
+
 // Up to this many rows the register GEMV wins: it decodes each weight once per call, where the tile path
 // pays a tile decode plus stores; beyond it the micro-kernel's reuse of each decoded tile wins (x86).
 constexpr int64_t kMaxGemvRows = 4;
